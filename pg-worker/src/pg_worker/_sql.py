@@ -1,0 +1,240 @@
+"""Every SQL statement pg-worker runs, in one place.
+
+Queue names reach SQL in two ways only: as bound parameters, or as identifiers built with
+:mod:`psycopg.sql` after :func:`pg_worker._names.validate_queue_name` accepted them. Nothing here is
+assembled from free text.
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+from ._names import notify_channel, queue_table, validate_queue_name
+
+SCHEMA_VERSION = 1
+MIN_PGMQ_VERSION = (1, 10, 0)
+
+# --- installation ----------------------------------------------------------------------------------------
+
+# One global lock serialises concurrent installs (two migrations started at once); it is released at commit.
+INSTALL_LOCK = "SELECT pg_advisory_xact_lock(hashtext('pgworker.install'))"
+
+PGMQ_EXTENSION_VERSION = "SELECT extversion FROM pg_extension WHERE extname = 'pgmq'"
+PGMQ_AVAILABLE_VERSION = "SELECT default_version FROM pg_available_extensions WHERE name = 'pgmq'"
+PGMQ_SCHEMA_EXISTS = "SELECT to_regnamespace('pgmq') IS NOT NULL"
+CREATE_PGMQ_EXTENSION = "CREATE EXTENSION IF NOT EXISTS pgmq"
+
+# pgmq 1.10 added last_read_at to message_record; the pgmq client (and so pg-worker) reads it.
+PGMQ_HAS_LAST_READ_AT = """
+SELECT EXISTS (
+    SELECT 1
+    FROM pg_type t
+    JOIN pg_namespace n ON n.oid = t.typnamespace
+    JOIN pg_attribute a ON a.attrelid = t.typrelid
+    WHERE n.nspname = 'pgmq' AND t.typname = 'message_record'
+      AND a.attname = 'last_read_at' AND NOT a.attisdropped
+)
+"""
+
+SCHEMA_DDL = """
+CREATE SCHEMA IF NOT EXISTS pgworker;
+
+CREATE TABLE IF NOT EXISTS pgworker.meta (
+    key text PRIMARY KEY,
+    value text NOT NULL
+);
+
+-- One row per (queue, worker) while that worker is idle and listening. Producers read it without locks;
+-- only the worker that owns a row writes it, so producers never wait on each other here.
+CREATE TABLE IF NOT EXISTS pgworker.waiters (
+    queue_name text NOT NULL,
+    worker_id text NOT NULL,
+    listener_pid integer NOT NULL,
+    marked_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (queue_name, worker_id)
+);
+
+CREATE OR REPLACE FUNCTION pgworker.wake_waiting_workers() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    -- Statement-level: a send_batch of any size costs one check and at most one notification.
+    -- Busy workers have no row, so under load producers skip pg_notify and its commit-time lock.
+    IF EXISTS (SELECT 1 FROM pgworker.waiters WHERE queue_name = TG_ARGV[0]) THEN
+        PERFORM pg_notify('pg_worker_' || TG_ARGV[0], '');
+    END IF;
+    RETURN NULL;
+END;
+$fn$;
+
+GRANT USAGE ON SCHEMA pgworker TO PUBLIC;
+GRANT SELECT ON pgworker.waiters TO PUBLIC;
+"""
+
+SET_META = """
+INSERT INTO pgworker.meta (key, value) VALUES (%s, %s)
+ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value
+"""
+GET_META = "SELECT value FROM pgworker.meta WHERE key = %s"
+
+CREATE_QUEUE = "SELECT pgmq.create(%s)"
+QUEUE_EXISTS = "SELECT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = %s)"
+
+WAKEUP_TRIGGER_NAME = "pg_worker_wakeup"
+
+# Whether the wakeup trigger is in place, enabled and calls our function with the right argument.
+WAKEUP_TRIGGER_OK = """
+SELECT EXISTS (
+    SELECT 1
+    FROM pg_trigger tg
+    JOIN pg_proc p ON p.oid = tg.tgfoid
+    JOIN pg_namespace pn ON pn.oid = p.pronamespace
+    WHERE tg.tgrelid = to_regclass(%(table)s)
+      AND tg.tgname = 'pg_worker_wakeup'
+      AND tg.tgenabled <> 'D'
+      AND pn.nspname = 'pgworker' AND p.proname = 'wake_waiting_workers'
+      AND tg.tgnargs = 1
+      AND encode(tg.tgargs, 'escape') = %(queue)s || '\\000'
+)
+"""
+
+WAKEUP_FUNCTION_OK = "SELECT to_regprocedure('pgworker.wake_waiting_workers()') IS NOT NULL"
+
+
+def create_wakeup_trigger(queue: str) -> sql.Composed:
+    return sql.SQL(
+        "CREATE OR REPLACE TRIGGER pg_worker_wakeup AFTER INSERT ON pgmq.{table} "
+        "FOR EACH STATEMENT EXECUTE FUNCTION pgworker.wake_waiting_workers({queue})"
+    ).format(table=sql.Identifier(queue_table(queue)), queue=sql.Literal(validate_queue_name(queue)))
+
+
+def qualified_queue_table(queue: str) -> str:
+    """``pgmq.q_<queue>`` as text, for ``to_regclass``."""
+    return f"pgmq.{queue_table(queue)}"
+
+
+# --- consuming -------------------------------------------------------------------------------------------
+
+READ = """
+SELECT msg_id, read_ct, enqueued_at, message, headers
+FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s)
+"""
+
+# The first read after a wakeup also withdraws this worker's "waiting" mark in the same statement, so that
+# producers stop notifying while we are busy without costing an extra transaction.
+READ_AND_UNMARK = """
+WITH unmark AS (
+    DELETE FROM pgworker.waiters WHERE queue_name = %(queue)s AND worker_id = %(worker)s
+)
+SELECT msg_id, read_ct, enqueued_at, message, headers
+FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s)
+"""
+
+MARK_WAITING = """
+INSERT INTO pgworker.waiters (queue_name, worker_id, listener_pid) VALUES (%(queue)s, %(worker)s, %(pid)s)
+ON CONFLICT (queue_name, worker_id)
+DO UPDATE SET listener_pid = EXCLUDED.listener_pid, marked_at = clock_timestamp()
+"""
+
+UNMARK_WORKER = "DELETE FROM pgworker.waiters WHERE worker_id = %s"
+
+# Marks whose listener connection no longer exists belong to dead workers; they only cost notifications.
+DELETE_STALE_MARKS = """
+DELETE FROM pgworker.waiters
+WHERE listener_pid NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)
+"""
+
+
+def sleep_check(queue: str) -> sql.Composed:
+    """Run after the waiting mark is committed: which writers might have missed it, and when is work due.
+
+    ``in_flight`` lists the transactions still running in this snapshot. Any producer that checked for a
+    waiting mark before ours was committed is among them or had committed already (and so is visible to the
+    ``next_vt`` look-up). Producers that start later see the mark and notify.
+    """
+    return sql.SQL(
+        """
+        SELECT ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot())::text) AS in_flight,
+               (SELECT min(vt) FROM pgmq.{table}) AS next_vt,
+               clock_timestamp() AS now
+        """
+    ).format(table=sql.Identifier(queue_table(queue)))
+
+
+def recheck(queue: str) -> sql.Composed:
+    """Which of the remembered transactions are still running, and when is work due."""
+    return sql.SQL(
+        """
+        SELECT ARRAY(
+                   SELECT x FROM unnest(%(xids)s::text[]) AS x
+                   WHERE pg_xact_status(x::xid8) = 'in progress'
+               ) AS in_flight,
+               (SELECT min(vt) FROM pgmq.{table}) AS next_vt,
+               clock_timestamp() AS now
+        """
+    ).format(table=sql.Identifier(queue_table(queue)))
+
+
+DELETE_MANY = "SELECT count(*) FROM pgmq.delete(%s, %s::bigint[])"
+ARCHIVE_MANY = "SELECT count(*) FROM pgmq.archive(%s, %s::bigint[])"
+
+RETRY_LATER = """
+SELECT count(*) FROM pgmq.set_vt(%(queue)s, %(msg_id)s::bigint, clock_timestamp() + make_interval(secs => %(delay)s))
+"""
+
+EXTEND_LEASES = """
+SELECT msg_id FROM pgmq.set_vt(%(queue)s, %(ids)s::bigint[], clock_timestamp() + make_interval(secs => %(vt)s))
+"""
+
+
+def hand_back(queue: str) -> sql.Composed:
+    """Make interrupted messages visible at once, and give back the delivery that shutdown cut short."""
+    return sql.SQL(
+        "UPDATE pgmq.{table} SET vt = clock_timestamp(), read_ct = greatest(read_ct - 1, 0) "
+        "WHERE msg_id = ANY(%s::bigint[])"
+    ).format(table=sql.Identifier(queue_table(queue)))
+
+
+def dead_letter(queue: str) -> sql.Composed:
+    """Move one message to the dead-letter queue in a single statement (so in one transaction).
+
+    The DLQ copy is built from the row as it is deleted, so nothing is sent if the message is gone already.
+    """
+    return sql.SQL(
+        """
+        WITH moved AS (
+            DELETE FROM pgmq.{table} WHERE msg_id = %(msg_id)s
+            RETURNING msg_id, read_ct, enqueued_at, message, headers
+        )
+        SELECT pgmq.send(
+            %(dlq)s,
+            jsonb_build_object(
+                'queue', %(queue)s::text,
+                'msg_id', moved.msg_id,
+                'message', moved.message,
+                'headers', moved.headers,
+                'attempts', moved.read_ct,
+                'enqueued_at', moved.enqueued_at,
+                'failed_at', clock_timestamp(),
+                'error', %(error)s::jsonb
+            )
+        )
+        FROM moved
+        """
+    ).format(table=sql.Identifier(queue_table(queue)))
+
+
+# --- producing -------------------------------------------------------------------------------------------
+
+SEND = """
+SELECT pgmq.send(%(queue)s, %(message)s::jsonb, %(headers)s::jsonb,
+                 clock_timestamp() + make_interval(secs => %(delay)s))
+"""
+
+SEND_BATCH = """
+SELECT pgmq.send_batch(%(queue)s, %(messages)s::jsonb[], %(headers)s::jsonb[],
+                       clock_timestamp() + make_interval(secs => %(delay)s))
+"""
+
+
+def channel_listen(queue: str) -> sql.Composed:
+    return sql.SQL("LISTEN {}").format(sql.Identifier(notify_channel(queue)))

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import pg_worker
+import psycopg
+import pytest
+from pg_worker import SetupError
+
+
+def _scalar(url: str, query: str) -> object:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(query).fetchone()
+        assert row is not None
+        return row[0]
+
+
+async def test_fresh_database_gets_pgmq_from_the_shipped_sql_then_a_second_run_changes_nothing(empty_db_url: str) -> None:
+    first = await pg_worker.install(empty_db_url, ["activations"])
+    assert first.pgmq_source == "sql"
+    assert first.pgmq_version == "1.13.0"
+    assert sorted(first.created_queues) == ["activations", "activations_dlq"]
+    assert first.created_triggers == ["activations"]
+
+    second = await pg_worker.install(empty_db_url, ["activations"])
+    assert not second.changed
+    assert second.pgmq_source == "present"
+    assert _scalar(empty_db_url, "SELECT count(*) FROM pgmq.meta") == 2
+    # the wakeup trigger sits on the queue, not on its dead-letter queue
+    assert _scalar(empty_db_url, "SELECT count(*) FROM pg_trigger WHERE tgname = 'pg_worker_wakeup'") == 1
+
+
+def test_two_installs_at_once_from_two_processes_both_succeed(empty_db_url: str) -> None:
+    env = {**os.environ, "DATABASE_URL": empty_db_url, "PG_WORKER_LOG_FORMAT": "json"}
+    command = [sys.executable, "-m", "pg_worker", "install", "--queue", "alpha", "--queue", "beta"]
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    outputs = sorted(out for out, _ in results)
+    # exactly one of them created the queues; the other found them in place
+    assert "queues created: none" in outputs[0] or "queues created: none" in outputs[1]
+    assert _scalar(empty_db_url, "SELECT count(*) FROM pgmq.meta") == 4
+
+
+async def test_refuses_a_pgmq_older_than_1_10(empty_db_url: str) -> None:
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        # the shape of pgmq < 1.10: message_record without last_read_at
+        conn.execute("CREATE SCHEMA pgmq")
+        conn.execute(
+            "CREATE TYPE pgmq.message_record AS (msg_id bigint, read_ct integer, enqueued_at timestamptz, "
+            "vt timestamptz, message jsonb)"
+        )
+    with pytest.raises(SetupError, match=r"older than 1\.10"):
+        await pg_worker.install(empty_db_url, ["jobs"])
+
+
+def test_version_check_rejects_old_extension_versions() -> None:
+    from pg_worker._install import _require_recent
+
+    _require_recent("1.10.0", "test")
+    _require_recent("1.13.0", "test")
+    with pytest.raises(SetupError, match=r"pgmq 1\.9\.2 .* too old"):
+        _require_recent("1.9.2", "test")
+
+
+async def test_worker_recreates_a_dropped_wakeup_trigger_at_start_up(db_url: str) -> None:
+    await pg_worker.install(db_url, ["jobs"])
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER pg_worker_wakeup ON pgmq.q_jobs")
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        problems = await pg_worker.check_setup(conn, ["jobs"])
+    assert problems == ["wakeup trigger on queue 'jobs' is missing or disabled"]
+
+    app = pg_worker.App()
+    app.add_handler("jobs", lambda job: None)
+    await asyncio.wait_for(pg_worker.run_worker(app, db_url, stop_when_idle=True), 30)
+    assert _scalar(db_url, "SELECT count(*) FROM pg_trigger WHERE tgname = 'pg_worker_wakeup'") == 1
+
+
+async def test_worker_without_auto_install_refuses_to_start_on_missing_queues(db_url: str) -> None:
+    app = pg_worker.App()
+    app.add_handler("nowhere", lambda job: None)
+    with pytest.raises(SetupError, match=r"queue 'nowhere' does not exist.*pg-worker install"):
+        await pg_worker.run_worker(app, db_url, pg_worker.WorkerConfig(auto_install=False))
