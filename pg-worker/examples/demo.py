@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import pydantic
+
 from pg_worker import App, Job, PermanentFailure, RetryLater, RetryPolicy
 
 log = logging.getLogger("demo")

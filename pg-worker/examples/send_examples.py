@@ -6,6 +6,7 @@ import sys
 import time
 
 import psycopg
+
 from pg_worker import Producer, resolve_database_url
 
 

@@ -9,9 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pg_worker
 import psycopg
 import pytest
+
+import pg_worker
 from pg_worker._database import start_embedded
 
 TESTS_DIR = Path(__file__).parent

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+
 from pg_worker import App, Job, Outcome, WakeupSource, Worker, WorkerConfig, WorkerObserver
 
 

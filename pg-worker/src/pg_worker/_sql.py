@@ -174,6 +174,17 @@ def recheck(queue: str) -> sql.Composed:
     ).format(table=sql.Identifier(queue_table(queue)))
 
 
+def poll_check(queues: list[str]) -> sql.Composed:
+    """The fallback poll: when work is due on each queue, in one statement (one transaction) for all of them."""
+    branches = [
+        sql.SQL("SELECT {name}::text, (SELECT min(vt) FROM pgmq.{table}), clock_timestamp()").format(
+            name=sql.Literal(validate_queue_name(q)), table=sql.Identifier(queue_table(q))
+        )
+        for q in queues
+    ]
+    return sql.SQL(" UNION ALL ").join(branches)
+
+
 DELETE_MANY = "SELECT count(*) FROM pgmq.delete(%s, %s::bigint[])"
 ARCHIVE_MANY = "SELECT count(*) FROM pgmq.archive(%s, %s::bigint[])"
 

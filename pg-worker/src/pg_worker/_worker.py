@@ -127,10 +127,14 @@ class Worker:
         config: WorkerConfig | None = None,
         *,
         observers: Iterable[WorkerObserver] = (),
+        listen_conninfo: str | None = None,
     ) -> None:
+        """``listen_conninfo``: where the LISTEN connection goes, if not to ``conninfo``. Behind PgBouncer in
+        transaction mode (which cannot LISTEN), point it at PostgreSQL itself."""
         app.validate()
         self.app = app
         self.conninfo = conninfo
+        self.listen_conninfo = listen_conninfo or conninfo
         self.config = config or WorkerConfig()
         self.observers = ObserverGroup(list(observers))
         self.health = WorkerHealth(listening=None if not self.config.listen else False)
@@ -145,6 +149,7 @@ class Worker:
         self._slots: Slots | None = None
         self._ack_wake: asyncio.Event | None = None
         self._lease_wake: asyncio.Event | None = None
+        self._poll_now: asyncio.Event | None = None
         self._lease_wake_at = float("inf")
         self._shutting_down = False
         self._sync_lock = threading.Lock()
@@ -171,6 +176,7 @@ class Worker:
         self._slots = Slots(self.config.concurrency)
         self._ack_wake = asyncio.Event()
         self._lease_wake = asyncio.Event()
+        self._poll_now = asyncio.Event()
         self._pool = psycopg_pool.AsyncConnectionPool(
             self.conninfo,
             min_size=1,
@@ -233,7 +239,7 @@ class Worker:
         side: dict[asyncio.Task[Any], str] = {}
         if self.config.listen:
             self._listener = Listener(
-                self.conninfo,
+                self.listen_conninfo,
                 self._queues,
                 on_notify=self._on_notify,
                 on_connected=self._on_listen_connected,
@@ -246,6 +252,7 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._listener.first_attempt_done.wait(), timeout=10.0)
         side[asyncio.create_task(self._ack_loop(), name="pg-worker-ack")] = "acknowledger"
+        side[asyncio.create_task(self._poll_loop(), name="pg-worker-poll")] = "poller"
         side[asyncio.create_task(self._lease_loop(), name="pg-worker-lease")] = "lease keeper"
         fetchers = {
             asyncio.create_task(self._fetch_loop(q, stop_when_idle), name=f"pg-worker-fetch-{q.name}"): q.name
@@ -368,9 +375,8 @@ class Worker:
 
     def _on_listen_lost(self) -> None:
         self.health.listening = False
-        # Re-plan every sleep with the degraded poll interval; the next poll checks for work at once.
-        for name in self._queues:
-            self._wake(name, WakeupSource.POLL)
+        if self._poll_now is not None:
+            self._poll_now.set()  # poll at once, then at the degraded interval until LISTEN is back
 
     # -- fetching -------------------------------------------------------------------------------------------
 
@@ -413,8 +419,7 @@ class Worker:
                 must_drain = False  # the re-check itself tells whether work is due
             else:
                 recheck, recheck_delay = None, RECHECK_FIRST
-                # A poll only checks (one cheap query); everything else expects work and reads at once.
-                must_drain = source is not WakeupSource.POLL
+                must_drain = True
 
     async def _drain(self, q: _QueueState) -> None:
         """Read and start jobs until a read comes back short (or the worker stops)."""
@@ -485,6 +490,38 @@ class Worker:
         until = (next_vt - now).total_seconds()
         return _SleepPlan(work_due=until <= 0, next_visible_in=max(until, 0.0), in_flight=racing)
 
+    async def _poll_loop(self) -> None:
+        """The fallback poll: one statement checks every queue of this worker, whatever their number."""
+        assert self._poll_now is not None
+        failures = 0
+        query = _sql.poll_check(list(self._queues))
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poll_now.wait(), timeout=self._poll_delay())
+            self._poll_now.clear()
+            try:
+                rows = await self._fetchall(query)
+            except DB_ERRORS as exc:
+                failures += 1
+                delay = self._db_backoff(failures)
+                self._db_failed("poll", exc, retry_in=round(delay, 3))
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            self.health.last_tick = now_mono = time.monotonic()
+            self.observers.loop_tick()
+            for name, next_vt, now in rows:
+                if next_vt is None:
+                    continue
+                until = (next_vt - now).total_seconds()
+                if until <= 0:
+                    self._wake(name, WakeupSource.POLL)
+                    continue
+                q = self._queues[name]
+                if q.local_due is None or now_mono + until < q.local_due:
+                    q.local_due = now_mono + until
+                    q.wake.set()  # a timer this loop did not know of (e.g. another worker's retry)
+
     def _poll_delay(self) -> float | None:
         listener = self._listener
         if listener is not None and not listener.connected:
@@ -499,9 +536,6 @@ class Worker:
         assert self._stop is not None
         started = time.monotonic()
         deadlines: list[tuple[float, WakeupSource]] = []
-        poll = self._poll_delay()
-        if poll is not None:
-            deadlines.append((started + poll, WakeupSource.POLL))
         if plan.next_visible_in is not None:
             deadlines.append((started + plan.next_visible_in + TIMER_MARGIN, WakeupSource.TIMER))
         if recheck_delay is not None:
@@ -510,7 +544,7 @@ class Worker:
             candidates = list(deadlines)
             if q.local_due is not None:
                 candidates.append((q.local_due + TIMER_MARGIN, WakeupSource.TIMER))
-            deadline, deadline_source = min(candidates, default=(None, WakeupSource.POLL), key=lambda d: d[0] if d[0] is not None else float("inf"))
+            deadline, deadline_source = min(candidates, default=(None, WakeupSource.TIMER), key=lambda d: d[0] if d[0] is not None else float("inf"))
             if not q.wake.is_set():
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 with contextlib.suppress(TimeoutError):
@@ -523,7 +557,7 @@ class Worker:
             q.wake.clear()
             sources, q.wake_sources = q.wake_sources, set()
             if not sources:
-                continue  # only a new local retry time: sleep again with it in the plan
+                continue  # only a new timer (a retry of ours, or one the poll found): sleep again with it
             for preferred in (WakeupSource.NOTIFY, WakeupSource.RECONNECT, WakeupSource.TIMER):
                 if preferred in sources:
                     return preferred

@@ -123,7 +123,7 @@ def _cmd_run(args: argparse.Namespace, settings: WorkerSettings) -> int:
     config = settings.worker_config()
     url, _server = _database(settings)
     logger.info("database", extra={"event": "database", "url": redact_url(url), "embedded": _server is not None})
-    worker = Worker(app, url, config)
+    worker = Worker(app, url, config, listen_conninfo=settings.listen_url)
     asyncio.run(_serve(worker))
     if worker.sync_jobs_running:
         # Their messages were handed back already; Python would otherwise wait for these threads at exit.

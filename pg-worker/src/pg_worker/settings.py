@@ -23,6 +23,7 @@ class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PG_WORKER_", extra="ignore", populate_by_name=True)
 
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
+    listen_url: str | None = None
     app: str | None = None
     concurrency: int = 50
     listen: bool = True
@@ -38,7 +39,7 @@ class WorkerSettings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     worker_id: str | None = None
 
-    @field_validator("database_url")
+    @field_validator("database_url", "listen_url")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None

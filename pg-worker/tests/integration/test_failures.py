@@ -6,10 +6,11 @@ import itertools
 import time
 from typing import Any
 
-import pg_worker
 import psycopg
 import pydantic
 import pytest
+
+import pg_worker
 from helpers import RecordingObserver, dlq_messages, queue_rows, running_worker, wait_until
 from pg_worker import App, Job, Outcome, PermanentFailure, Producer, RetryLater, RetryPolicy
 

@@ -4,10 +4,14 @@ import asyncio
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import psycopg
+import psycopg.conninfo
+import pytest
 
 import pg_worker
-import psycopg
-import pytest
+from conftest import PgServer
 from pg_worker import SetupError
 
 
@@ -85,3 +89,37 @@ async def test_worker_without_auto_install_refuses_to_start_on_missing_queues(db
     app.add_handler("nowhere", lambda job: None)
     with pytest.raises(SetupError, match=r"queue 'nowhere' does not exist.*pg-worker install"):
         await pg_worker.run_worker(app, db_url, pg_worker.WorkerConfig(auto_install=False))
+
+
+def _offer_pgmq_extension(pg_server: PgServer, url: str, version: str) -> None:
+    """Make this database see a real pgmq extension (PostgreSQL 18's extension_control_path), as the
+    ghcr.io/pgmq/pg18-pgmq image offers one; its script is the SQL the pgmq package ships."""
+    import pgmq
+
+    root = Path(pg_server.handle.pgdata).parent / f"ext-{version}"
+    (root / "extension").mkdir(parents=True, exist_ok=True)
+    (root / "extension" / f"pgmq--{version}.sql").write_text(pgmq.get_embedded_install_sql())
+    (root / "extension" / "pgmq.control").write_text(
+        f"comment = 'pgmq for tests'\ndefault_version = '{version}'\nrelocatable = false\nschema = pgmq\n"
+    )
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    dbname = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    with pg_server.admin() as conn:
+        conn.execute(f"ALTER DATABASE {dbname} SET extension_control_path = '$system:{root}'")
+
+
+async def test_uses_create_extension_where_the_server_offers_pgmq(pg_server: PgServer, empty_db_url: str) -> None:
+    _offer_pgmq_extension(pg_server, empty_db_url, "1.13.0")
+    first = await pg_worker.install(empty_db_url, ["jobs"])
+    assert (first.pgmq_source, first.pgmq_version) == ("extension", "1.13.0")
+    assert _scalar(empty_db_url, "SELECT extversion FROM pg_extension WHERE extname = 'pgmq'") == "1.13.0"
+    second = await pg_worker.install(empty_db_url, ["jobs"])
+    assert not second.changed
+
+
+async def test_refuses_an_offered_pgmq_extension_older_than_1_10(pg_server: PgServer, empty_db_url: str) -> None:
+    _offer_pgmq_extension(pg_server, empty_db_url, "1.9.0")
+    with pytest.raises(SetupError, match=r"pgmq 1\.9\.0 \(extension offered by this server\) is too old"):
+        await pg_worker.install(empty_db_url, ["jobs"])
+    assert _scalar(empty_db_url, "SELECT count(*) FROM pg_extension WHERE extname = 'pgmq'") == 0

@@ -7,10 +7,11 @@ import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pg_worker
 import psycopg
 import pydantic
 import pytest
+
+import pg_worker
 from helpers import RecordingObserver, queue_rows, running_worker, wait_until
 from pg_worker import App, AsyncProducer, Job, Outcome, Producer
 

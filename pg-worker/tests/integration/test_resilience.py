@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pg_worker
 import psycopg
 import pytest
+
+import pg_worker
 from conftest import TESTS_DIR, PgServer
 from helpers import RecordingObserver, marks, queue_rows, running_worker, wait_until
 from pg_worker import App, Job, Outcome, PollSchedule, Producer, WakeupSource
@@ -220,3 +221,28 @@ async def test_worker_carries_on_when_postgres_stops_and_restarts(pg_server: PgS
 
 async def _queue_empty(url: str) -> bool:
     return await queue_rows(url, "jobs") == []
+
+
+async def test_while_listen_cannot_connect_the_worker_polls_and_says_so(db_url: str, producer: Producer, caplog: pytest.LogCaptureFixture) -> None:
+    app = App()
+    handled: list[int] = []
+    app.add_handler("jobs", lambda job: handled.append(job.msg_id))
+    await pg_worker.install(db_url, ["jobs"])
+    observer = RecordingObserver()
+    unreachable = "postgresql://nobody@/nowhere?host=/nonexistent-socket-dir&connect_timeout=1"
+    config = pg_worker.WorkerConfig(poll=TEN_MINUTES, degraded_poll_interval=0.3, listen_reconnect_max=0.2, worker_id="deaf")
+    worker = pg_worker.Worker(app, db_url, config, observers=[observer], listen_conninfo=unreachable)
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: observer.wakeups, what="start-up drain")
+        await asyncio.sleep(0.1)  # let the start-up drain finish: the message must be found by a poll
+        msg_id = producer.enqueue("jobs", {})
+        await wait_until(lambda: msg_id in handled, limit=3, what="job found by the degraded poll")
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 30)
+    assert worker.health.listening is False
+    assert WakeupSource.POLL in {s for _, s, _ in observer.wakeups}
+    failures = [r for r in caplog.records if r.getMessage() == "listen_connect_failed"]
+    assert failures, "the log says that LISTEN is down"
+    assert failures[0].polling_every_s == 0.3

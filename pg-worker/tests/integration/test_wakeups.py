@@ -6,9 +6,10 @@ import asyncio
 import time
 from typing import Any
 
-import pg_worker
 import psycopg
 import pytest
+
+import pg_worker
 from helpers import RecordingObserver, marks, running_worker, wait_until
 from pg_worker import App, Job, PollSchedule, Producer, WakeupSource
 

@@ -7,9 +7,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import pg_worker
 import pydantic
 import pytest
+
+import pg_worker
 from pg_worker import App, BadMessage, InvalidQueueName, PermanentFailure, PollSchedule, RetryLater, RetryPolicy
 from pg_worker._names import dlq_name, source_of_dlq, validate_queue_name
 from pg_worker._producer import build_message
