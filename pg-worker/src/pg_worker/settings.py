@@ -38,6 +38,10 @@ class WorkerSettings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
     worker_id: str | None = None
+    metrics: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9480
+    queue_stats_interval: float = 60.0
 
     @field_validator("database_url", "listen_url")
     @classmethod

@@ -1,0 +1,1 @@
+"""Benchmarks of pg-worker against same-run baselines. Run: ./scripts/bench [--quick]."""

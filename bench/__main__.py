@@ -1,0 +1,80 @@
+"""``python -m bench``: run the benchmarks, print medians next to their same-run baselines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .common import Row, server
+
+Benchmark = Callable[..., list[Row]]
+
+
+def _registry() -> dict[str, Benchmark]:
+    from . import bench_idle, bench_latency
+
+    return {"latency": bench_latency.run, "idle": bench_idle.run}
+
+
+def _fmt(value: float) -> str:
+    if value != value:  # NaN
+        return "-"
+    return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def print_table(rows: list[Row]) -> None:
+    header = ["benchmark", "measure", "ours (median)", "baseline (median)", "baseline", "ratio", "target", "runs"]
+    lines = [header]
+    for row in rows:
+        ratio = row.ratio
+        lines.append(
+            [
+                row.benchmark,
+                row.measure,
+                f"{_fmt(row.ours_median)} {row.unit}",
+                f"{_fmt(row.baseline_median)} {row.unit}" if row.baseline else "-",
+                row.baseline_name or "-",
+                f"{ratio:.2f}x" if ratio is not None else "-",
+                row.target or "-",
+                str(len(row.ours)),
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for index, line in enumerate(lines):
+        print(" | ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+        if index == 0:
+            print("-+-".join("-" * width for width in widths))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, one run each: checks that the suite runs")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per benchmark; the table shows medians (default 3)")
+    parser.add_argument("--only", default="", help="comma-separated benchmark names")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    args = parser.parse_args(argv)
+    registry = _registry()
+    names = [n for n in args.only.split(",") if n] or list(registry)
+    unknown = set(names) - set(registry)
+    if unknown:
+        parser.error(f"unknown benchmarks: {', '.join(sorted(unknown))} (known: {', '.join(registry)})")
+    rows: list[Row] = []
+    started = time.monotonic()
+    with server() as pg:
+        for name in names:
+            print(f"# {name} ...", file=sys.stderr, flush=True)
+            rows.extend(registry[name](pg, quick=args.quick, repeat=args.repeat))
+    print(f"\nmachine: {platform.machine()}, {platform.system()}, Python {platform.python_version()}; {time.monotonic() - started:.0f}s\n")
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps([row.__dict__ for row in rows], indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
