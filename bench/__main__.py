@@ -16,9 +16,9 @@ Benchmark = Callable[..., list[Row]]
 
 
 def _registry() -> dict[str, Benchmark]:
-    from . import bench_idle, bench_latency
+    from . import bench_drain, bench_idle, bench_latency
 
-    return {"latency": bench_latency.run, "idle": bench_idle.run}
+    return {"drain": bench_drain.run, "latency": bench_latency.run, "idle": bench_idle.run}
 
 
 def _fmt(value: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -42,12 +43,13 @@ class QueueConfig:
 
     ``visibility_timeout`` is the lease (seconds) a read takes on a message; a job still running at half of
     it gets it renewed, until ``job_timeout`` seconds, after which the job is cancelled and counts as failed.
+    ``batch_size`` (messages per read) defaults to half the worker's concurrency, at most 100.
     """
 
     name: str
     visibility_timeout: int = 30
     job_timeout: float = 600.0
-    batch_size: int = 100
+    batch_size: int | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     on_success: Literal["delete", "archive"] = "delete"
 
@@ -57,7 +59,7 @@ class QueueConfig:
             raise ValueError(f"queue {self.name}: visibility_timeout must be >= 1 second")
         if self.job_timeout <= 0:
             raise ValueError(f"queue {self.name}: job_timeout must be > 0")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"queue {self.name}: batch_size must be >= 1")
         if self.on_success not in ("delete", "archive"):
             raise ValueError(f"queue {self.name}: on_success must be 'delete' or 'archive'")
@@ -79,7 +81,7 @@ class Handler:
     job_type: str | None = None
     schema: type[pydantic.BaseModel] | None = None
 
-    @property
+    @functools.cached_property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.func)
 

@@ -30,7 +30,7 @@ class WorkerConfig:
     - ``auto_install``: at start-up, create missing queues and wakeup triggers instead of refusing to start.
     """
 
-    concurrency: int = 50
+    concurrency: int = 100
     listen: bool = True
     poll: PollSchedule = field(default_factory=PollSchedule)
     degraded_poll_interval: float = 5.0

@@ -114,20 +114,40 @@ def qualified_queue_table(queue: str) -> str:
 
 # --- consuming -------------------------------------------------------------------------------------------
 
-READ = """
-SELECT msg_id, read_ct, enqueued_at, message, headers
-FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s)
-"""
+def read(queue: str, *, unmark: bool) -> sql.Composed:
+    """Lease up to ``qty`` visible messages, and in the same statement delete the ones this worker finished.
 
-# The first read after a wakeup also withdraws this worker's "waiting" mark in the same statement, so that
-# producers stop notifying while we are busy without costing an extra transaction.
-READ_AND_UNMARK = """
-WITH unmark AS (
-    DELETE FROM pgworker.waiters WHERE queue_name = %(queue)s AND worker_id = %(worker)s
-)
-SELECT msg_id, read_ct, enqueued_at, message, headers
-FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s)
-"""
+    The same query as ``pgmq.read`` (oldest first, ``FOR UPDATE SKIP LOCKED``, ``read_ct + 1``), written against
+    the queue table so that it is a prepared statement rather than plpgsql building SQL text on every call; the
+    piggybacked acknowledgements save a statement and a commit per batch. ``unmark`` also withdraws this
+    worker's waiting mark: the first read after a wakeup, so producers stop notifying while it is busy.
+    """
+    unmark_cte = (
+        sql.SQL("unmark AS (DELETE FROM pgworker.waiters WHERE queue_name = %(queue)s AND worker_id = %(worker)s), ")
+        if unmark
+        else sql.SQL("")
+    )
+    return sql.SQL(
+        """
+        WITH {unmark_cte}
+        acked AS (DELETE FROM pgmq.{t} WHERE msg_id = ANY(%(acks)s::bigint[])),
+        leased AS (
+            SELECT msg_id FROM pgmq.{t}
+            WHERE vt <= clock_timestamp()
+            ORDER BY msg_id
+            LIMIT %(qty)s
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE pgmq.{t} m
+        SET last_read_at = clock_timestamp(),
+            vt = clock_timestamp() + make_interval(secs => %(vt)s),
+            read_ct = m.read_ct + 1
+        FROM leased
+        WHERE m.msg_id = leased.msg_id
+        RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers
+        """
+    ).format(unmark_cte=unmark_cte, t=sql.Identifier(queue_table(queue)))
+
 
 MARK_WAITING = """
 INSERT INTO pgworker.waiters (queue_name, worker_id, listener_pid) VALUES (%(queue)s, %(worker)s, %(pid)s)
@@ -185,8 +205,13 @@ def poll_check(queues: list[str]) -> sql.Composed:
     return sql.SQL(" UNION ALL ").join(branches)
 
 
-DELETE_MANY = "SELECT count(*) FROM pgmq.delete(%s, %s::bigint[])"
-ARCHIVE_MANY = "SELECT count(*) FROM pgmq.archive(%s, %s::bigint[])"
+def delete_many(queue: str) -> sql.Composed:
+    return sql.SQL("DELETE FROM pgmq.{t} WHERE msg_id = ANY(%s::bigint[])").format(t=sql.Identifier(queue_table(queue)))
+
+
+
+def archive_many(queue: str) -> sql.Composed:
+    return sql.SQL("SELECT count(*) FROM pgmq.archive({q}, %s::bigint[])").format(q=sql.Literal(validate_queue_name(queue)))
 
 RETRY_LATER = """
 SELECT count(*) FROM pgmq.set_vt(%(queue)s, %(msg_id)s::bigint, clock_timestamp() + make_interval(secs => %(delay)s))

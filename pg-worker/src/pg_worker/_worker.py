@@ -46,6 +46,7 @@ DB_ERRORS = (psycopg.Error, psycopg_pool.PoolTimeout, OSError)
 TRACEBACK_LIMIT = 2000
 TIMER_MARGIN = 0.002
 RECHECK_FIRST = 0.005
+ACK_LINGER = 0.002
 
 
 class JobTimeout(Exception):
@@ -58,9 +59,20 @@ class WorkerCrashed(RuntimeError):
 
 @dataclass
 class _Lease:
+    """A running job: when its visibility timeout needs renewing, and when its job_timeout cancels it."""
+
     queue: QueueConfig
     msg_id: int
     renew_at: float
+    deadline: float
+    task: asyncio.Task[Any] | None
+    timed_out: bool = False
+
+    @property
+    def wake_at(self) -> float:
+        if self.timed_out:
+            return float("inf")  # cancelled already; its task removes it in a moment
+        return min(self.deadline, self.renew_at)
 
 
 @dataclass
@@ -73,6 +85,14 @@ class _QueueState:
     pending_acks: list[int] = field(default_factory=list)
     db_failures: int = 0
     local_due: float | None = None  # monotonic time a retry this worker scheduled becomes visible
+
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        # Built once: the same text on every call lets psycopg prepare the statements.
+        self.read = _sql.read(self.config.name, unmark=False)
+        self.read_unmark = _sql.read(self.config.name, unmark=True)
+        self.ack = _sql.archive_many(self.config.name) if self.config.on_success == "archive" else _sql.delete_many(self.config.name)
 
     @property
     def name(self) -> str:
@@ -100,6 +120,15 @@ class WorkerHealth:
     last_db_error_at: float | None = None
     listen_down_since: float | None = field(default_factory=time.monotonic)
     crashed: str | None = None
+
+
+# Successes are counted in metrics; logging each one at INFO would cost more than a no-op job itself.
+_OUTCOME_LEVELS = {
+    Outcome.SUCCEEDED: logging.DEBUG,
+    Outcome.INTERRUPTED: logging.INFO,
+    Outcome.RETRIED: logging.WARNING,
+    Outcome.DEAD_LETTERED: logging.ERROR,
+}
 
 
 def _short_traceback(exc: BaseException) -> str:
@@ -141,7 +170,9 @@ class Worker:
         self.config = config or WorkerConfig()
         self.observers = ObserverGroup(list(observers))
         self.health = WorkerHealth(listening=None if not self.config.listen else False)
-        self._queues = {name: _QueueState(cfg) for name, cfg in app.queues.items()}
+        # Reads default to half the concurrency, so one batch runs while the next is being read.
+        default_batch = max(1, min(100, self.config.concurrency // 2))
+        self._queues = {name: _QueueState(cfg, batch_size=cfg.batch_size or default_batch) for name, cfg in app.queues.items()}
         self._leases: dict[tuple[str, int], _Lease] = {}
         self._jobs: set[asyncio.Task[None]] = set()
         self._interrupted: dict[str, list[int]] = {}
@@ -440,7 +471,7 @@ class Worker:
         while not self._stop.is_set():
             self.observers.loop_tick()
             self.health.last_tick = time.monotonic()
-            want = await self._slots.take(q.config.batch_size)
+            want = await self._slots.take(q.batch_size)
             if want == 0:
                 return
             try:
@@ -467,12 +498,19 @@ class Worker:
                 return
 
     async def _read(self, q: _QueueState, qty: int) -> list[Row]:
-        params = {"queue": q.name, "vt": q.config.visibility_timeout, "qty": qty, "worker": self.config.worker_id}
-        if q.marked_pid is not None:
-            rows = await self._fetchall(_sql.READ_AND_UNMARK, params)
+        acks: list[int] = []
+        if q.config.on_success == "delete":
+            acks, q.pending_acks = q.pending_acks, []
+        unmark = q.marked_pid is not None
+        params = {"queue": q.name, "vt": q.config.visibility_timeout, "qty": qty, "worker": self.config.worker_id, "acks": acks}
+        try:
+            rows = await self._fetchall(q.read_unmark if unmark else q.read, params)
+        except BaseException:
+            q.pending_acks[:0] = acks  # not acknowledged after all: the acknowledger or the next read retries
+            raise
+        if unmark:
             q.marked_pid, q.mark_verified = None, False
-            return rows
-        return await self._fetchall(_sql.READ, params)
+        return rows
 
     async def _plan_sleep(self, q: _QueueState, recheck: list[str] | None) -> _SleepPlan | None:
         listener = self._listener
@@ -605,24 +643,26 @@ class Worker:
 
     async def _execute_job(self, q: _QueueState, job: Job[Any], handler: Handler) -> None:
         key = (q.name, job.msg_id)
-        self._add_lease(key, q.config)
+        task = asyncio.current_task()
+        # The lease keeper renews the visibility timeout and enforces job_timeout: one timer for all jobs
+        # instead of one per job.
+        lease = self._add_lease(key, q.config, task)
         self.observers.job_started(job, max(0.0, time.time() - job.enqueued_at.timestamp()))
         started = time.perf_counter()
         try:
-            deadline = asyncio.timeout(q.config.job_timeout)
             try:
-                async with deadline:
-                    if handler.is_async:
-                        await handler.func(job)  # type: ignore[misc]
-                    else:
-                        loop = asyncio.get_running_loop()
-                        with self._sync_lock:
-                            self._sync_running += 1
-                        await loop.run_in_executor(self._executor, functools.partial(self._call_sync, handler, job))
-            except TimeoutError as exc:
-                if not deadline.expired():
-                    raise  # the handler's own timeout (a slow device), not ours
-                raise JobTimeout(f"job exceeded job_timeout of {q.config.job_timeout:g}s") from exc
+                if handler.is_async:
+                    await handler.func(job)  # type: ignore[misc]
+                else:
+                    loop = asyncio.get_running_loop()
+                    with self._sync_lock:
+                        self._sync_running += 1
+                    await loop.run_in_executor(self._executor, functools.partial(self._call_sync, handler, job))
+            except asyncio.CancelledError:
+                if self._shutting_down or not lease.timed_out or task is None:
+                    raise
+                task.uncancel()
+                raise JobTimeout(f"job exceeded job_timeout of {q.config.job_timeout:g}s") from None
         except asyncio.CancelledError:
             if not self._shutting_down:
                 raise
@@ -654,9 +694,7 @@ class Worker:
     def _finish(self, job: Job[Any], outcome: Outcome, started: float, error: BaseException | None, handler: Handler, **extra: Any) -> None:
         duration = time.perf_counter() - started
         self.observers.job_finished(job, outcome, duration, error)
-        level = logging.INFO if outcome in (Outcome.SUCCEEDED, Outcome.INTERRUPTED) else logging.WARNING
-        if outcome is Outcome.DEAD_LETTERED:
-            level = logging.ERROR
+        level = _OUTCOME_LEVELS[outcome]
         if logger.isEnabledFor(level):
             fields: dict[str, Any] = {
                 "event": f"job_{outcome.value}",
@@ -724,6 +762,8 @@ class Worker:
         failures = 0
         while True:
             await self._ack_wake.wait()
+            # Linger a moment: a fetch loop about to read takes the acknowledgements along in its statement.
+            await asyncio.sleep(ACK_LINGER)
             self._ack_wake.clear()
             if await self._ack_round():
                 failures = 0
@@ -738,9 +778,8 @@ class Worker:
             if not q.pending_acks:
                 continue
             ids, q.pending_acks = q.pending_acks, []
-            query = _sql.ARCHIVE_MANY if q.config.on_success == "archive" else _sql.DELETE_MANY
             try:
-                await self._execute(query, (q.name, ids))
+                await self._execute(q.ack, (ids,))
             except DB_ERRORS as exc:
                 q.pending_acks[:0] = ids
                 self._db_failed("ack", exc, queue=q.name, pending=len(q.pending_acks))
@@ -772,15 +811,17 @@ class Worker:
 
     # -- leases ---------------------------------------------------------------------------------------------
 
-    def _add_lease(self, key: tuple[str, int], config: QueueConfig) -> None:
-        renew_at = time.monotonic() + config.visibility_timeout / 2
-        self._leases[key] = _Lease(config, key[1], renew_at)
-        if renew_at < self._lease_wake_at:
+    def _add_lease(self, key: tuple[str, int], config: QueueConfig, task: asyncio.Task[Any] | None) -> _Lease:
+        now = time.monotonic()
+        lease = self._leases[key] = _Lease(config, key[1], now + config.visibility_timeout / 2, now + config.job_timeout, task)
+        if lease.wake_at < self._lease_wake_at:
             assert self._lease_wake is not None
             self._lease_wake.set()
+        return lease
 
     async def _lease_loop(self) -> None:
-        """Renew the visibility timeout of jobs still running at half of it (one statement per queue)."""
+        """Renew the visibility timeout of jobs still running at half of it (one statement per queue), and
+        cancel jobs that ran past their queue's job_timeout."""
         assert self._lease_wake is not None
         while True:
             if not self._leases:
@@ -788,19 +829,27 @@ class Worker:
                 await self._lease_wake.wait()
                 self._lease_wake.clear()
                 continue
-            self._lease_wake_at = min(lease.renew_at for lease in self._leases.values())
+            self._lease_wake_at = min(lease.wake_at for lease in self._leases.values())
             delay = self._lease_wake_at - time.monotonic()
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._lease_wake.wait(), timeout=delay)
                 self._lease_wake.clear()
                 continue
-            await self._renew_due(time.monotonic())
+            now = time.monotonic()
+            self._cancel_overdue(now)
+            await self._renew_due(now)
+
+    def _cancel_overdue(self, now: float) -> None:
+        for lease in self._leases.values():
+            if not lease.timed_out and lease.deadline <= now and lease.task is not None:
+                lease.timed_out = True
+                lease.task.cancel()
 
     async def _renew_due(self, now: float) -> None:
         due: dict[str, list[_Lease]] = {}
         for lease in self._leases.values():
-            if lease.renew_at <= now:
+            if lease.renew_at <= now and not lease.timed_out:
                 due.setdefault(lease.queue.name, []).append(lease)
         for queue, leases in due.items():
             config = leases[0].queue

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a worker until SIGTERM/SIGINT")
     run.add_argument("app", nargs="?", default=None, help="the App to serve, as 'module:attribute' [env: PG_WORKER_APP]")
-    _flag(run, "--concurrency", env="PG_WORKER_CONCURRENCY", type=int, help="jobs run at once (default 50)")
+    _flag(run, "--concurrency", env="PG_WORKER_CONCURRENCY", type=int, help="jobs run at once (default 100)")
     _flag(run, "--poll-interval", env="PG_WORKER_POLL_INTERVAL", help="fallback poll interval, e.g. 60s, 15m, or 'off' outside windows (default 60s)")
     _flag(run, "--poll-windows", env="PG_WORKER_POLL_WINDOWS", help="poll windows, e.g. '08:00-18:00 every 15m; 22:00-06:00 every 1h'")
     _flag(run, "--poll-timezone", env="PG_WORKER_POLL_TIMEZONE", help="time zone of the poll windows, e.g. America/Santiago (default UTC)")

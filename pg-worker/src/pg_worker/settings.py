@@ -25,7 +25,7 @@ class WorkerSettings(BaseSettings):
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
     listen_url: str | None = None
     app: str | None = None
-    concurrency: int = 50
+    concurrency: int = 100
     listen: bool = True
     poll_interval: str = "60s"
     poll_windows: str = ""

@@ -169,7 +169,7 @@ def test_worker_logs_are_json_with_job_fields_and_never_show_the_password(db_url
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pg_worker", "run", "apps:slow_app", "--metrics", "false"],
-            env={**os.environ, "DATABASE_URL": secret_url, "PG_WORKER_LOG_FORMAT": "json", "PYTHONPATH": str(TESTS_DIR), "PGW_TEST_DIR": str(tmp_path)},
+            env={**os.environ, "DATABASE_URL": secret_url, "PG_WORKER_LOG_FORMAT": "json", "PG_WORKER_LOG_LEVEL": "DEBUG", "PYTHONPATH": str(TESTS_DIR), "PGW_TEST_DIR": str(tmp_path)},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
