@@ -22,7 +22,7 @@ def _window(server: Server, dbname: str, seconds: float) -> float:
 
 
 def run(server: Server, *, quick: bool, repeat: int) -> list[Row]:
-    seconds = 15.0 if quick else 120.0
+    seconds = 15.0 if quick else 100.0
     row = Row("idle", "worker transactions per minute, noise floor subtracted", "xact/min", baseline_name="same window, no worker", target="<= 2", higher_is_better=False)
     for _ in range(1 if quick else max(1, repeat // 3)):
         with server.database(["jobs"]) as url:

@@ -28,6 +28,9 @@ class WorkerConfig:
     - ``shutdown_grace``: how long in-flight jobs may finish after SIGTERM before they are handed back.
     - ``listen_reconnect_max``: the cap of the LISTEN reconnect backoff.
     - ``auto_install``: at start-up, create missing queues and wakeup triggers instead of refusing to start.
+    - ``synchronous_commit``: make the worker's own commits (leases, acknowledgements, retries) wait for the
+      WAL flush. Off by default: a database crash can then lose the last fraction of a second of them, which
+      only means those jobs run again (at-least-once), never that a job is lost.
     """
 
     concurrency: int = 100
@@ -40,6 +43,7 @@ class WorkerConfig:
     db_retry_max: float = 10.0
     sync_threads: int | None = None
     auto_install: bool = True
+    synchronous_commit: bool = False
     worker_id: str = field(default_factory=_default_worker_id)
 
     def __post_init__(self) -> None:

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import orjson
 import psycopg
 import psycopg_pool
 from psycopg.rows import TupleRow
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 
 from . import _sql
 from ._app import App, BadMessage, Handler, Job, QueueConfig
@@ -219,6 +220,7 @@ class Worker:
             open=False,
             name="pg-worker",
             timeout=10.0,
+            configure=self._configure_connection,
         )
         await self._pool.open(wait=False)
         self._executor = ThreadPoolExecutor(self.config.thread_pool_size, thread_name_prefix="pg-worker-job")
@@ -229,6 +231,15 @@ class Worker:
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
             await self._pool.close()
+
+    async def _configure_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        # Leases, acknowledgements, retries and dead-letter moves may all be lost in a database crash without
+        # losing a job: the message just comes back (at-least-once). So the worker's own commits need not
+        # wait for the WAL flush, which takes that wait off every batch and off the notify-to-handler path.
+        # Producers keep their own (normally synchronous) commits: an enqueue is never at risk.
+        if not self.config.synchronous_commit:
+            await conn.execute("SET synchronous_commit = off")
+        set_json_loads(orjson.loads, conn)
 
     # -- start-up -------------------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ class WorkerSettings(BaseSettings):
     missed_wakeup_bound: float = 1.0
     shutdown_grace: float = 30.0
     auto_install: bool = True
+    synchronous_commit: bool = False
     data_dir: Path = DEFAULT_DATA_DIR
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -61,6 +62,7 @@ class WorkerSettings(BaseSettings):
             missed_wakeup_bound=self.missed_wakeup_bound,
             shutdown_grace=self.shutdown_grace,
             auto_install=self.auto_install,
+            synchronous_commit=self.synchronous_commit,
         )
         return replace(config, worker_id=self.worker_id) if self.worker_id else config
 
