@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from .bench_drain import wait_listening
 from .common import Row, Server, dbname_of
 
 STATS_FLUSH = 11.5  # idle backends flush their counters within 10 s
@@ -33,7 +34,8 @@ def run(server: Server, *, quick: bool, repeat: int) -> list[Row]:
             # Default settings, metrics port included (scrapes would add one statement per stats interval).
             worker = subprocess.Popen([sys.executable, "-m", "pg_worker", "run", "bench.apps:noop_app", "--metrics-port", "0"], env=env)
             try:
-                time.sleep(3 + STATS_FLUSH)  # start-up transactions land before the window
+                wait_listening(url, 1)  # started and asleep, however slow the machine is right now
+                time.sleep(STATS_FLUSH)  # start-up transactions land before the window
                 row.ours.append(max(0.0, _window(server, dbname, seconds) - noise))
             finally:
                 worker.terminate()

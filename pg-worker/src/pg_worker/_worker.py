@@ -188,6 +188,8 @@ class Worker:
         self._lease_wake_at = float("inf")
         self._shutting_down = False
         self._sync_lock = threading.Lock()
+        self._ack_task: asyncio.Task[None] | None = None
+        self._ack_closing = False
         self._sync_running = 0
 
     # -- public ---------------------------------------------------------------------------------------------
@@ -296,7 +298,8 @@ class Worker:
             # LISTEN before the first drain, so nothing sent in between goes unnoticed.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._listener.first_attempt_done.wait(), timeout=10.0)
-        side[asyncio.create_task(self._ack_loop(), name="pg-worker-ack")] = "acknowledger"
+        self._ack_task = asyncio.create_task(self._ack_loop(), name="pg-worker-ack")
+        side[self._ack_task] = "acknowledger"
         side[asyncio.create_task(self._poll_loop(), name="pg-worker-poll")] = "poller"
         side[asyncio.create_task(self._heartbeat(), name="pg-worker-heartbeat")] = "heartbeat"
         side[asyncio.create_task(self._lease_loop(), name="pg-worker-lease")] = "lease keeper"
@@ -351,6 +354,12 @@ class Worker:
                 task.cancel()
             if still_running:
                 await asyncio.wait(still_running, timeout=5.0)
+        # Let the acknowledger finish the round it is in (cancelling it mid-statement could lose a batch of
+        # acknowledgements), then send what is left from here.
+        self._ack_closing = True
+        if self._ack_wake is not None and self._ack_task is not None:
+            self._ack_wake.set()
+            await asyncio.wait([self._ack_task], timeout=10.0)
         await self._flush_acks(deadline=time.monotonic() + 10.0)
         await self._hand_back_interrupted()
         if self.config.listen:
@@ -776,7 +785,10 @@ class Worker:
             # Linger a moment: a fetch loop about to read takes the acknowledgements along in its statement.
             await asyncio.sleep(ACK_LINGER)
             self._ack_wake.clear()
-            if await self._ack_round():
+            ok = await self._ack_round()
+            if self._ack_closing:
+                return
+            if ok:
                 failures = 0
             else:
                 failures += 1
@@ -795,6 +807,9 @@ class Worker:
                 q.pending_acks[:0] = ids
                 self._db_failed("ack", exc, queue=q.name, pending=len(q.pending_acks))
                 ok = False
+            except BaseException:
+                q.pending_acks[:0] = ids
+                raise
         return ok
 
     async def _flush_acks(self, deadline: float) -> None:
