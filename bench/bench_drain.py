@@ -78,10 +78,10 @@ def stop(workers: list[subprocess.Popen[bytes]]) -> None:
         worker.wait(60)
 
 
-def worker_drain(url: str, count: int, processes: int = 1, **env: str) -> float:
+def worker_drain(url: str, count: int, processes: int = 1, app: str = "bench.apps:noop_app", **env: str) -> float:
     """Workers idle and listening; ``count`` jobs all become visible at one moment (sent earlier with a delay,
     so sending is not timed); jobs per second from that moment until the queue is empty."""
-    workers = start_workers(url, processes, **env)
+    workers = start_workers(url, processes, app, **env)
     try:
         wait_listening(url, processes)
         visible_at = time.time() + 2.0 + count / 20000

@@ -10,28 +10,17 @@ from pathlib import Path
 import psutil
 import psycopg
 
-from .bench_drain import empty, fill, start_workers, stop, wait_listening
+from .bench_drain import empty, fill, start_workers, stop, wait_listening, worker_drain
 from .common import Row, Server
 
 
 def drain_with(url: str, count: int, processes: int) -> tuple[float, int]:
     """Jobs per second for ``processes`` workers draining ``count`` jobs, and how many ran more than once."""
     with tempfile.TemporaryDirectory(prefix="pgw-scale-") as out:
-        workers = start_workers(url, processes, app="bench.apps:recording_app", BENCH_OUT=out)
-        try:
-            wait_listening(url, processes)
-            visible_at = time.time() + 2.0 + count / 20000
-            fill(url, count, visible_at=visible_at)
-            with psycopg.connect(url, autocommit=True) as conn:
-                time.sleep(max(0.0, visible_at - time.time()))
-                while not empty(conn):
-                    time.sleep(0.02)
-                elapsed = time.time() - visible_at
-        finally:
-            stop(workers)
+        rate = worker_drain(url, count, processes, "bench.apps:recording_app", BENCH_OUT=out)
         runs = Counter(line.split()[0] for path in Path(out).glob("*.ids") for line in path.read_text().splitlines() if line)
     assert len(runs) == count, f"{len(runs)} of {count} jobs ran"
-    return count / elapsed, sum(1 for n in runs.values() if n > 1)
+    return rate, sum(1 for n in runs.values() if n > 1)
 
 
 def soak(url: str, count: int) -> tuple[float, float]:

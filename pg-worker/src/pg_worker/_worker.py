@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 import psycopg
@@ -40,7 +40,6 @@ from ._slots import Slots
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Row = tuple[Any, ...]
 
 DB_ERRORS = (psycopg.Error, psycopg_pool.PoolTimeout, OSError)

@@ -139,7 +139,10 @@ async def _serve(worker: Worker, settings: WorkerSettings) -> None:
     server = None
     if settings.metrics:
         metrics = instrument(worker, stats_max_age=settings.queue_stats_interval)
-        server = ObservabilityServer(HealthProbe(worker), metrics, loop, host=settings.metrics_host, port=settings.metrics_port).start()
+        try:
+            server = ObservabilityServer(HealthProbe(worker), metrics, loop, host=settings.metrics_host, port=settings.metrics_port).start()
+        except OSError as exc:
+            raise SetupError(f"cannot serve /metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}") from exc
     seen = 0
 
     def on_signal(signum: int) -> None:

@@ -23,7 +23,7 @@ from pg_worker import App, Job, Outcome, PermanentFailure, PollSchedule
 def cli(url: str, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pg_worker", *args],
-        env={**os.environ, "DATABASE_URL": url, "PG_WORKER_LOG_FORMAT": "json", "COLUMNS": "200", **env},
+        env={**os.environ, "DATABASE_URL": url, "PG_WORKER_LOG_FORMAT": "json", "PG_WORKER_METRICS_PORT": "0", "COLUMNS": "200", **env},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -156,6 +156,13 @@ def test_unreachable_database_and_bad_arguments_fail_cleanly(db_url: str) -> Non
     assert (bad_app.returncode, "cannot import module" in bad_app.stderr) == (2, True)
     bad_windows = cli(db_url, "run", "x:y", "--poll-windows", "sometimes")
     assert (bad_windows.returncode, "invalid poll window" in bad_windows.stderr) == (2, True)
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = cli(db_url, "run", "apps:slow_app", "--metrics-port", str(taken.getsockname()[1]), PYTHONPATH=str(TESTS_DIR))
+    assert busy.returncode == 1 and "cannot serve /metrics" in busy.stderr and "Traceback" not in busy.stderr
     help_text = cli(db_url, "run", "--help").stdout
     assert "[env: PG_WORKER_CONCURRENCY]" in help_text and "[env: PG_WORKER_METRICS_PORT]" in help_text
 

@@ -34,6 +34,7 @@ class WorkerProcess:
                 "DATABASE_URL": db_url,
                 "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
                 "PGW_TEST_DIR": str(work_dir),
+                "PG_WORKER_METRICS_PORT": "0",  # any free port: never collide with a worker running on this machine
                 **env,
             },
             stdout=self.log,
