@@ -17,13 +17,14 @@ Benchmark = Callable[..., list[Row]]
 
 
 def _registry() -> dict[str, Benchmark]:
-    from . import bench_drain, bench_idle, bench_latency, bench_producers, bench_scale
+    from . import bench_drain, bench_idle, bench_latency, bench_peers, bench_producers, bench_scale
 
     return {
         "drain": bench_drain.run,
         "latency": bench_latency.run,
         "producers": bench_producers.run,
         "scale": bench_scale.run,
+        "peers": bench_peers.run,
         "idle": bench_idle.run,
     }
 
