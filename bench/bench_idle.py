@@ -30,7 +30,7 @@ def run(server: Server, *, quick: bool, repeat: int) -> list[Row]:
             dbname = dbname_of(url)
             noise = _window(server, dbname, seconds)
             row.baseline.append(noise)
-            env = {**os.environ, "DATABASE_URL": url, "PG_WORKER_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
+            env = {**os.environ, "DATABASE_URL": url, "PG_WORKER_LOG_LEVEL": os.environ.get("BENCH_IDLE_LOG_LEVEL", "WARNING"), "PYTHONPATH": str(ROOT)}
             # Default settings, metrics port included (scrapes would add one statement per stats interval).
             worker = subprocess.Popen([sys.executable, "-m", "pg_worker", "run", "bench.apps:noop_app", "--metrics-port", "0"], env=env)
             try:

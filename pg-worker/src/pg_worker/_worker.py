@@ -449,6 +449,11 @@ class Worker:
         must_drain = True
         recheck: list[str] | None = None
         recheck_delay = RECHECK_FIRST
+        # The start-up drain below covers every wakeup that came before it (the first LISTEN connection's
+        # catch-up included), so those would only cost a second read, mark and check.
+        if not self._stop.is_set():
+            q.wake.clear()
+            q.wake_sources.clear()
         while not self._stop.is_set():
             if must_drain:
                 assert source is not None

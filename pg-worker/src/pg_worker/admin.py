@@ -50,8 +50,8 @@ def list_queues(conn: psycopg.Connection[Any]) -> list[str]:
 def fetch_queue_stats(conn: psycopg.Connection[Any], queues: Iterable[str] | None = None, *, exact_limit: int = _sql.EXACT_COUNT_LIMIT) -> list[QueueStats]:
     """Per-queue statistics in one statement. Counts are exact up to ``exact_limit`` rows, then the planner's
     estimate (``pg_class.reltuples``): no full scan of a queue with millions of rows."""
-    existing = set(list_queues(conn))
-    names = sorted(existing if queues is None else set(queues) & existing)
+    # Given queues (a worker's own) are known to exist: one statement. Otherwise list them first.
+    names = sorted(list_queues(conn) if queues is None else set(queues))
     if not names:
         return []
     return [QueueStats(*row) for row in conn.execute(_sql.queue_stats(names, exact_limit)).fetchall()]

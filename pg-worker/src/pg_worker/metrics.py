@@ -67,7 +67,7 @@ class WorkerMetrics(WorkerObserver):
 
     def _child(self, metric: Any, *labels: str) -> Any:
         # labels() looks the child up under a lock each time; jobs are hot, so keep the children.
-        key = (metric._name, *labels)
+        key = (str(id(metric)), *labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)

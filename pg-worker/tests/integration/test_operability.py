@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import pg_worker
 from conftest import PgServer
 from helpers import RecordingObserver, running_worker, wait_until
-from pg_worker import App, Job, PermanentFailure, PollSchedule, Producer, RetryPolicy
+from pg_worker import App, Job, PermanentFailure, PollSchedule, Producer, RetryPolicy, WakeupSource
 from pg_worker.health import HealthProbe
 from pg_worker.metrics import instrument
 from pg_worker.observability import ObservabilityServer
@@ -52,11 +52,15 @@ def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, frozenset(labels.items())), 0.0)
 
 
+_observers: dict[int, RecordingObserver] = {}
+
+
 @asynccontextmanager
 async def observed_worker(app: App, url: str, **settings: Any) -> AsyncIterator[tuple[pg_worker.Worker, int]]:
     settings.setdefault("poll", PollSchedule(interval=600))
     observer = RecordingObserver()
     async with running_worker(app, url, observer, **settings) as worker:
+        _observers[id(worker)] = observer
         yield worker, _ports[id(worker)]
 
 
@@ -94,7 +98,7 @@ async def test_scraped_counters_match_what_happened(db_url: str, producer: Produ
             raise PermanentFailure("no such customer")
 
     await pg_worker.install(db_url, ["jobs"])
-    async with observed_worker(app, db_url) as (_worker, port):
+    async with observed_worker(app, db_url) as (worker, port):
         for payload in ({"kind": "ok"}, {"kind": "ok"}, {"kind": "ok"}, {"kind": "flaky"}, {"kind": "doomed"}):
             producer.enqueue("jobs", payload)
         with psycopg.connect(db_url, autocommit=True) as conn:
@@ -116,9 +120,12 @@ async def test_scraped_counters_match_what_happened(db_url: str, producer: Produ
     assert value(text, "pg_worker_job_duration_seconds_count", queue="jobs") == 6, "6 handler runs"
     assert value(text, "pg_worker_job_latency_seconds_count", queue="jobs") == 6
     assert value(text, "pg_worker_jobs_in_flight", queue="jobs") == 0
+    observer = _observers[id(worker)]
+    for source in WakeupSource:  # which wakeups happen depends on timing; their counts must match exactly
+        seen = sum(1 for _, s, _ in observer.wakeups if s is source)
+        assert value(text, "pg_worker_wakeups_total", queue="jobs", source=source.value) == seen, source
     assert value(text, "pg_worker_wakeups_total", queue="jobs", source="notify") >= 1
-    assert value(text, "pg_worker_wakeups_total", queue="jobs", source="timer") >= 1, "the retry came back on a timer"
-    assert value(text, "pg_worker_notifications_total", queue="jobs") >= 1
+    assert value(text, "pg_worker_notifications_total", queue="jobs") == observer.notifications >= 1
     assert value(text, "pg_worker_listen_connected") == 1
     assert 0 <= value(text, "pg_worker_last_notification_age_seconds") < 30
     assert value(text, "pg_worker_queue_depth", queue="jobs") == 1, "the delayed message"

@@ -42,7 +42,7 @@ async def test_notify_starts_the_handler_within_100ms_while_the_poll_is_10_minut
             await wait_until(lambda m=msg_id: m in started, limit=2, interval=0.001, what="handler start")
             latencies.append(started[msg_id] - sent)
     assert max(latencies) < 0.100, latencies
-    assert {s for _, s, _ in observer.wakeups} == {WakeupSource.STARTUP, WakeupSource.RECONNECT, WakeupSource.NOTIFY}
+    assert {s for _, s, _ in observer.wakeups} == {WakeupSource.STARTUP, WakeupSource.NOTIFY}
 
 
 async def _all_marked(url: str, worker: pg_worker.Worker) -> bool:
