@@ -209,7 +209,6 @@ def delete_many(queue: str) -> sql.Composed:
     return sql.SQL("DELETE FROM pgmq.{t} WHERE msg_id = ANY(%s::bigint[])").format(t=sql.Identifier(queue_table(queue)))
 
 
-
 def archive_many(queue: str) -> sql.Composed:
     return sql.SQL("SELECT count(*) FROM pgmq.archive({q}, %s::bigint[])").format(q=sql.Literal(validate_queue_name(queue)))
 
@@ -285,10 +284,12 @@ def _capped_count(table: sql.Identifier, where: str, limit: int) -> sql.Composed
     )
 
 
-def queue_stats(queues: list[str], limit: int = EXACT_COUNT_LIMIT) -> sql.Composed:
+def queue_stats(queues: list[str], with_dlq: set[str], limit: int = EXACT_COUNT_LIMIT) -> sql.Composed:
     """Depth, visible, in flight, delayed, oldest age, DLQ depth, estimated?, messages ever sent: per queue.
 
     Counts stop at ``limit`` rows (the vt index bounds the work); past it the depth is the planner's estimate.
+    Only queues in ``with_dlq`` have their dead-letter queue counted (a table that does not exist cannot even
+    appear in the statement).
     """
     branches = []
     for queue in queues:
@@ -296,6 +297,7 @@ def queue_stats(queues: list[str], limit: int = EXACT_COUNT_LIMIT) -> sql.Compos
         dlq = sql.Identifier(queue_table(queue + "_dlq"))
         regclass = sql.Literal(f"pgmq.{queue_table(queue)}")
         dlq_regclass = sql.Literal(f"pgmq.{queue_table(queue + '_dlq')}")
+        dlq_depth = _capped_count(dlq, "true", limit) if queue in with_dlq else sql.SQL("0")
         branches.append(
             sql.SQL(
                 """
@@ -320,7 +322,7 @@ def queue_stats(queues: list[str], limit: int = EXACT_COUNT_LIMIT) -> sql.Compos
                 visible=_capped_count(table, "vt <= clock_timestamp()", limit),
                 in_flight=_capped_count(table, "vt > clock_timestamp() AND read_ct > 0", limit),
                 delayed=_capped_count(table, "vt > clock_timestamp() AND read_ct = 0", limit),
-                dlq_depth=_capped_count(dlq, "true", limit),
+                dlq_depth=dlq_depth,
             )
         )
     return sql.SQL(" UNION ALL ").join(branches)

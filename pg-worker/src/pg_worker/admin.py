@@ -42,19 +42,30 @@ class DeadLetter:
         return error if isinstance(error, dict) else {}
 
 
+def _all_queues(conn: psycopg.Connection[Any]) -> list[str]:
+    return [row[0] for row in conn.execute(_sql.LIST_QUEUES).fetchall()]
+
+
 def list_queues(conn: psycopg.Connection[Any]) -> list[str]:
     """Every pgmq queue that is not a dead-letter queue."""
-    return [row[0] for row in conn.execute(_sql.LIST_QUEUES).fetchall() if not row[0].endswith(DLQ_SUFFIX)]
+    return [name for name in _all_queues(conn) if not name.endswith(DLQ_SUFFIX)]
 
 
 def fetch_queue_stats(conn: psycopg.Connection[Any], queues: Iterable[str] | None = None, *, exact_limit: int = _sql.EXACT_COUNT_LIMIT) -> list[QueueStats]:
     """Per-queue statistics in one statement. Counts are exact up to ``exact_limit`` rows, then the planner's
     estimate (``pg_class.reltuples``): no full scan of a queue with millions of rows."""
-    # Given queues (a worker's own) are known to exist: one statement. Otherwise list them first.
-    names = sorted(list_queues(conn) if queues is None else set(queues))
+    # Given queues (a worker's own, installed with their DLQs) are known to exist: one statement. Otherwise
+    # list what exists first: queues created by others may have no dead-letter queue.
+    if queues is None:
+        everything = _all_queues(conn)
+        names = [name for name in everything if not name.endswith(DLQ_SUFFIX)]
+        with_dlq = {name.removesuffix(DLQ_SUFFIX) for name in everything if name.endswith(DLQ_SUFFIX)}
+    else:
+        names = sorted(set(queues))
+        with_dlq = set(names)
     if not names:
         return []
-    return [QueueStats(*row) for row in conn.execute(_sql.queue_stats(names, exact_limit)).fetchall()]
+    return [QueueStats(*row) for row in conn.execute(_sql.queue_stats(names, with_dlq, exact_limit)).fetchall()]
 
 
 def resolve_dlq(conn: psycopg.Connection[Any], name: str) -> tuple[str, str]:

@@ -55,7 +55,10 @@ def test_queues_lists_depths_as_a_table_and_as_json(db_url: str) -> None:
     table = cli(db_url, "queues")
     assert table.returncode == 0, table.stderr
     assert "jobs" in table.stdout and "mail" in table.stdout and "jobs_dlq" not in table.stdout
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("SELECT pgmq.create('foreign')")  # a queue made by someone else, without a DLQ
     rows = {r["queue"]: r for r in json.loads(cli(db_url, "queues", "--json").stdout)}
+    assert rows["foreign"]["dlq_depth"] == 0
     assert (rows["jobs"]["depth"], rows["jobs"]["visible"], rows["jobs"]["delayed"], rows["jobs"]["dlq_depth"]) == (3, 2, 1, 0)
     assert rows["mail"]["depth"] == 0
 
