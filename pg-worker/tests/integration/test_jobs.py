@@ -120,15 +120,13 @@ async def test_enqueue_with_conn_joins_the_callers_transaction_and_a_rollback_is
 
 
 def test_sync_producer_conn_joins_and_rolls_back(db_url: str) -> None:
-    import asyncio as aio
-
-    aio.run(pg_worker.install(db_url, ["payments"]))
+    asyncio.run(pg_worker.install(db_url, ["payments"]))
     with psycopg.connect(db_url) as conn:
         Producer().enqueue("payments", {"a": 1}, conn=conn)
         conn.rollback()
         ids = Producer().enqueue_many("payments", [{"b": 1}, {"b": 2}], delay=timedelta(seconds=30), conn=conn)
         conn.commit()
-    rows = aio.run(queue_rows(db_url, "payments"))
+    rows = asyncio.run(queue_rows(db_url, "payments"))
     assert [r[0] for r in rows] == ids
     assert all(r[2] > datetime.now(UTC) + timedelta(seconds=20) for r in rows)
 
