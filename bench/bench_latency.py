@@ -12,6 +12,7 @@ import psycopg
 
 from pg_worker import App, Job, Worker, WorkerConfig
 
+from .bench_drain import wait_listening
 from .common import Row, Server, percentile
 
 RATE = 50.0
@@ -67,18 +68,7 @@ async def ours(url: str, count: int) -> Latencies:
     worker = Worker(app, url, WorkerConfig(worker_id="bench-latency"))
     task = asyncio.create_task(worker.run())
     try:
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-
-            async def marked() -> bool:
-                cur = await conn.execute("SELECT count(*) FROM pgworker.waiters")
-                row = await cur.fetchone()
-                return bool(row and row[0])
-
-            deadline = time.monotonic() + 10
-            while not await marked():
-                if time.monotonic() > deadline:
-                    raise TimeoutError("worker did not start")
-                await asyncio.sleep(0.01)
+        await asyncio.to_thread(wait_listening, url, 1)
         committed = await _produce(url, count)
         await _wait_for(lambda: len(started) >= count, 30)
     finally:

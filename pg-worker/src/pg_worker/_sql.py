@@ -79,8 +79,6 @@ GET_META = "SELECT value FROM pgworker.meta WHERE key = %s"
 CREATE_QUEUE = "SELECT pgmq.create(%s)"
 QUEUE_EXISTS = "SELECT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = %s)"
 
-WAKEUP_TRIGGER_NAME = "pg_worker_wakeup"
-
 # Whether the wakeup trigger is in place, enabled and calls our function with the right argument.
 WAKEUP_TRIGGER_OK = """
 SELECT EXISTS (

@@ -659,7 +659,7 @@ class Worker:
             job: Job[Any] = Job(q.name, msg_id, read_ct, enqueued_at, payload, job_type, headers)
             if read_ct > q.config.retry.max_attempts:
                 # Only a worker that died mid-job (no retry was recorded) lets read_ct pass max_attempts.
-                await self._give_up(q, job, handler, RuntimeError(f"delivered {read_ct} times; the worker died while running it"), "attempts_exhausted", 0.0)
+                await self._give_up(q, job, handler, RuntimeError(f"delivered {read_ct} times; the worker died while running it"), "attempts_exhausted", time.perf_counter())
                 return
             await self._execute_job(q, job, handler)
         finally:
@@ -760,7 +760,7 @@ class Worker:
         except DB_ERRORS as db_exc:
             # The message stays leased and comes back after its visibility timeout; nothing is lost.
             self._db_failed("dead_letter", db_exc, queue=q.name, msg_id=job.msg_id)
-        self._finish(job, Outcome.DEAD_LETTERED, started or time.perf_counter(), exc, handler, reason=reason)
+        self._finish(job, Outcome.DEAD_LETTERED, started, exc, handler, reason=reason)
 
     async def _reject(self, q: _QueueState, msg_id: int, read_ct: int, exc: BadMessage) -> None:
         """A message no handler accepts goes to the dead-letter queue at once: no retries, no loops."""

@@ -59,7 +59,7 @@ class WorkerMetrics(WorkerObserver):
         )
         self._last_notification_at: float | None = None
         self.last_notification.set_function(self._notification_age)
-        self._children: dict[tuple[str, ...], Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
 
     def _notification_age(self) -> float:
         at = self._last_notification_at
@@ -67,7 +67,7 @@ class WorkerMetrics(WorkerObserver):
 
     def _child(self, metric: Any, *labels: str) -> Any:
         # labels() looks the child up under a lock each time; jobs are hot, so keep the children.
-        key = (str(id(metric)), *labels)
+        key = (metric, *labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
