@@ -27,3 +27,37 @@ def slow_app() -> App:
         _record(job, "done")
 
     return app
+
+
+def async_slow_app() -> App:
+    """Like :func:`slow_app`, with an async handler (which shutdown can interrupt and hand back)."""
+    import asyncio
+
+    app = App()
+    app.queue("slow", visibility_timeout=int(os.environ.get("PGW_TEST_VT", "30")))
+
+    @app.handler("slow")
+    async def handle(job: Job[dict[str, Any]]) -> None:
+        _record(job, "started")
+        await asyncio.sleep(float(job.payload.get("seconds", 0)))
+        _record(job, "done")
+
+    return app
+
+
+def poison_app() -> App:
+    """A queue where a message with ``{"poison": true}`` kills the worker process mid-job (like a segfault)."""
+    app = App()
+    app.queue("batch", visibility_timeout=1)
+
+    @app.handler("batch")
+    async def handle(job: Job[dict[str, Any]]) -> None:
+        import asyncio
+
+        _record(job, "started")
+        if job.payload.get("poison"):
+            os._exit(70)
+        await asyncio.sleep(0.3)  # batch-mates are still running when the poison one kills the process
+        _record(job, "done")
+
+    return app

@@ -33,6 +33,8 @@ class RecordingObserver(WorkerObserver):
     listen_states: list[bool] = field(default_factory=list)
     notifications: int = 0
     db_errors: list[str] = field(default_factory=list)
+    leases_lost: list[tuple[str, int, str]] = field(default_factory=list)
+    loop_ticks: int = 0
 
     def job_started(self, job: Job[object], latency: float) -> None:
         self.started.append((job.queue, job.msg_id, time.monotonic()))
@@ -54,6 +56,12 @@ class RecordingObserver(WorkerObserver):
 
     def db_error(self, operation: str, error: BaseException) -> None:
         self.db_errors.append(operation)
+
+    def lease_lost(self, queue: str, msg_id: int, operation: str) -> None:
+        self.leases_lost.append((queue, msg_id, operation))
+
+    def loop_tick(self) -> None:
+        self.loop_ticks += 1
 
     def outcomes(self, outcome: Outcome) -> list[Finished]:
         return [f for f in self.finished if f.outcome is outcome]
@@ -116,3 +124,18 @@ async def dlq_messages(url: str, queue: str) -> list[dict[str, Any]]:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         cur = await conn.execute(f"SELECT message FROM pgmq.q_{queue}_dlq ORDER BY msg_id")
         return [row[0] for row in await cur.fetchall()]
+
+
+async def read_one(url: str, queue: str, vt: int = 30) -> tuple[int, int]:
+    """Lease one message as another worker would (pgmq.read): its msg_id and read_ct."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute("SELECT msg_id, read_ct FROM pgmq.read(%s, %s, 1)", (queue, vt))
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+
+async def expire(url: str, queue: str) -> None:
+    """End every lease on ``queue`` now, as if its holder had stalled past its visibility timeout."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(f"UPDATE pgmq.q_{queue} SET vt = clock_timestamp()")

@@ -83,7 +83,18 @@ class Handler:
 
     @functools.cached_property
     def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.func)
+        """Runs on the event loop: a coroutine function, a partial of one, or an object with ``async __call__``.
+
+        Anything else runs in a thread; if it returns an awaitable after all (a lambda around an async
+        function), that is awaited on the loop, never acknowledged unrun.
+        """
+        func: Any = self.func
+        while isinstance(func, functools.partial):
+            func = func.func
+        if inspect.iscoroutinefunction(func):
+            return True
+        call = getattr(type(func), "__call__", None)  # noqa: B004 - the type's __call__, not callable()
+        return not inspect.isfunction(func) and not inspect.ismethod(func) and inspect.iscoroutinefunction(call)
 
     @property
     def name(self) -> str:

@@ -31,6 +31,10 @@ class WorkerConfig:
     - ``synchronous_commit``: make the worker's own commits (leases, acknowledgements, retries) wait for the
       WAL flush. Off by default: a database crash can then lose the last fraction of a second of them, which
       only means those jobs run again (at-least-once), never that a job is lost.
+    - ``statement_timeout``, ``tcp_user_timeout``, ``tcp_keepalive_idle``/``_interval``, ``pool_timeout``: bounds
+      on every database connection and statement, so a dead network path cannot hang a worker forever.
+    - ``stall_bound``: liveness fails when the lease keeper or the acknowledger has had work it could not
+      finish for longer than this (a hung connection), so the orchestrator restarts the worker.
     """
 
     concurrency: int = 100
@@ -40,16 +44,25 @@ class WorkerConfig:
     missed_wakeup_bound: float = 1.0
     shutdown_grace: float = 30.0
     listen_reconnect_max: float = 10.0
-    db_retry_max: float = 10.0
+    db_retry_max: float = 1.0
     sync_threads: int | None = None
     auto_install: bool = True
     synchronous_commit: bool = False
+    statement_timeout: float = 30.0
+    tcp_user_timeout: float = 15.0
+    tcp_keepalive_idle: float = 10.0
+    tcp_keepalive_interval: float = 5.0
+    pool_timeout: float = 5.0
+    stall_bound: float = 60.0
     worker_id: str = field(default_factory=_default_worker_id)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
-        for name in ("degraded_poll_interval", "missed_wakeup_bound", "listen_reconnect_max", "db_retry_max"):
+        for name in (
+            "degraded_poll_interval", "missed_wakeup_bound", "listen_reconnect_max", "db_retry_max", "statement_timeout",
+            "tcp_user_timeout", "tcp_keepalive_idle", "tcp_keepalive_interval", "pool_timeout", "stall_bound",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if self.shutdown_grace < 0:

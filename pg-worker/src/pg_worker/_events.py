@@ -21,6 +21,8 @@ class Outcome(StrEnum):
     RETRIED = "retried"
     DEAD_LETTERED = "dead_lettered"
     INTERRUPTED = "interrupted"  # handed back at shutdown
+    FAILED = "failed"  # failed, and recording the retry or dead-letter move failed too (database down)
+    LEASE_LOST = "lease_lost"  # the lease ran out or another worker took the message: nothing was written
 
 
 class WakeupSource(StrEnum):
@@ -58,6 +60,9 @@ class WorkerObserver:
 
     def loop_tick(self) -> None:
         """The worker's main loop is alive (called at least once per poll cycle and after each batch)."""
+
+    def lease_lost(self, queue: str, msg_id: int, operation: str) -> None:
+        """A held delivery was found not to be ours any more (``operation``: what found it)."""
 
 
 class ObserverGroup(WorkerObserver):
@@ -99,3 +104,6 @@ class ObserverGroup(WorkerObserver):
 
     def loop_tick(self) -> None:
         self._each("loop_tick")
+
+    def lease_lost(self, queue: str, msg_id: int, operation: str) -> None:
+        self._each("lease_lost", queue, msg_id, operation)

@@ -95,13 +95,27 @@ async def _has_meta(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> bool:
 
 
 async def _ensure_schema(conn: psycopg.AsyncConnection[tuple[object, ...]], report: InstallReport) -> None:
-    current = await _scalar(conn, _sql.GET_META, ("schema_version",)) if await _has_meta(conn) else None
+    current = await _schema_version(conn)
+    if current is not None and current > _sql.SCHEMA_VERSION:
+        raise SetupError(_newer_schema(current))
     function_ok = await _scalar(conn, _sql.WAKEUP_FUNCTION_OK)
-    if current == str(_sql.SCHEMA_VERSION) and function_ok:
+    if current == _sql.SCHEMA_VERSION and function_ok:
         return
     await conn.execute(_sql.SCHEMA_DDL)
     await conn.execute(_sql.SET_META, ("schema_version", str(_sql.SCHEMA_VERSION)))
     report.schema_created = True
+
+
+async def _schema_version(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> int | None:
+    value = await _scalar(conn, _sql.GET_META, ("schema_version",)) if await _has_meta(conn) else None
+    return None if value is None else int(str(value))
+
+
+def _newer_schema(found: int) -> str:
+    return (
+        f"the database has pg-worker schema version {found}, newer than this pg-worker's {_sql.SCHEMA_VERSION}: "
+        "a newer pg-worker installed it; upgrade this one instead (pg-worker never downgrades a schema)"
+    )
 
 
 async def _ensure_queue(conn: psycopg.AsyncConnection[tuple[object, ...]], queue: str, report: InstallReport) -> None:
@@ -117,12 +131,18 @@ async def _ensure_queue(conn: psycopg.AsyncConnection[tuple[object, ...]], queue
         report.created_triggers.append(queue)
 
 
-async def install(conninfo: str, queues: Iterable[str]) -> InstallReport:
-    """Make the database ready for workers of ``queues``; returns what it had to do."""
+async def install(conninfo: str, queues: Iterable[str], *, lock_timeout: float = 10.0) -> InstallReport:
+    """Make the database ready for workers of ``queues``; returns what it had to do.
+
+    ``lock_timeout``: how long a DDL statement may wait for a lock (a long transaction on a queue) before
+    install fails, instead of queueing every producer and worker of that queue behind its lock request."""
     names = [validate_queue_name(q) for q in queues]
     report = InstallReport()
     async with await psycopg.AsyncConnection.connect(conninfo) as conn, conn.transaction():
         await conn.execute(_sql.INSTALL_LOCK)
+        # DDL waits for every reader of a queue table: a long-running transaction must make install fail
+        # clearly, not stall the queue behind an ACCESS EXCLUSIVE lock request.
+        await conn.execute(_sql.SET_LOCK_TIMEOUT, (f"{int(lock_timeout * 1000)}ms",))
         await _ensure_pgmq(conn, report)
         await _ensure_schema(conn, report)
         if report.pgmq_source == "sql":
@@ -149,6 +169,12 @@ async def check_setup(conn: psycopg.AsyncConnection[tuple[object, ...]], queues:
         return ["pgmq is not installed"]
     if not await _scalar(conn, _sql.WAKEUP_FUNCTION_OK):
         problems.append("pg-worker's schema (pgworker.wake_waiting_workers) is missing")
+    else:
+        version = await _schema_version(conn)
+        if version is not None and version > _sql.SCHEMA_VERSION:
+            raise SetupError(_newer_schema(version))
+        if version != _sql.SCHEMA_VERSION:
+            problems.append(f"pg-worker's schema is version {version}, this pg-worker needs {_sql.SCHEMA_VERSION}")
     for queue in queues:
         for name in (queue, dlq_name(queue)):
             if not await _scalar(conn, _sql.QUEUE_EXISTS, (name,)):

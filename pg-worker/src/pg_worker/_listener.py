@@ -12,18 +12,15 @@ import psycopg
 
 from . import _sql
 from ._events import WorkerObserver
+from ._install import SetupError
 from ._names import notify_channel
 
 logger = logging.getLogger(__name__)
 
-# TCP keepalives find a silently dead server (a cut VPN, a failed-over host) without any SQL, so an idle
-# worker still issues no transactions. libpq ignores them on Unix sockets, where EOF is immediate anyway.
-KEEPALIVE_KWARGS: dict[str, Any] = {
-    "keepalives": 1,
-    "keepalives_idle": 30,
-    "keepalives_interval": 10,
-    "keepalives_count": 3,
-}
+
+
+class WorkerIdInUse(SetupError):
+    """Another running worker holds this worker id."""
 
 
 class Listener:
@@ -43,7 +40,11 @@ class Listener:
         observer: WorkerObserver,
         reconnect_max: float,
         degraded_poll_interval: float,
+        connect_kwargs: dict[str, Any],
+        worker_id: str,
     ) -> None:
+        """``connect_kwargs``: TCP keepalives and timeouts: they find a silently dead server (a cut VPN, a
+        failed-over host) without any SQL, so an idle worker still issues no transactions."""
         self._conninfo = conninfo
         self._channels = {notify_channel(q): q for q in queues}
         self._on_notify = on_notify
@@ -51,6 +52,8 @@ class Listener:
         self._observer = observer
         self._reconnect_max = reconnect_max
         self._degraded_poll_interval = degraded_poll_interval
+        self._connect_kwargs = connect_kwargs
+        self._worker_id = worker_id
         self.connected = False
         self.pid: int | None = None
         self.first_attempt_done = asyncio.Event()
@@ -59,13 +62,35 @@ class Listener:
         ceiling = min(self._reconnect_max, 0.1 * 2.0 ** min(failures, 16))
         return float(ceiling * (0.5 + random.random() / 2))
 
+    async def _claim_worker_id(self, conn: psycopg.AsyncConnection[Any], first: bool) -> None:
+        """Hold the worker id for as long as this connection lives: two workers under one id would overwrite
+        each other's waiting marks, and one of them would miss its wakeups."""
+        cur = await conn.execute(_sql.CLAIM_WORKER_ID, (self._worker_id,))
+        row = await cur.fetchone()
+        if row is not None and row[0]:
+            return
+        message = f"worker id {self._worker_id!r} is in use by another running worker; give each replica its own (or leave PG_WORKER_WORKER_ID unset)"
+        if first:
+            raise WorkerIdInUse(message)
+        # Reconnecting: the server may not have noticed yet that our previous connection died.
+        raise psycopg.OperationalError(message)
+
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.first_attempt_done.set()
+
+    async def _run(self) -> None:
         failures = 0
+        first = True
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self._conninfo, autocommit=True, **KEEPALIVE_KWARGS
+                    self._conninfo, autocommit=True, **self._connect_kwargs
                 ) as conn:
+                    await self._claim_worker_id(conn, first)
+                    first = False
                     for queue in self._channels.values():
                         await conn.execute(_sql.channel_listen(queue))
                     self.pid = conn.info.backend_pid

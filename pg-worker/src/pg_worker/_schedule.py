@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 _WINDOW = re.compile(
@@ -91,35 +91,46 @@ class PollSchedule:
                 return window.interval
         return self.interval
 
-    def _next_boundary(self, local: datetime) -> datetime | None:
-        """The next local instant after ``local`` at which some window starts or ends."""
+    def _next_boundary(self, local: datetime) -> tuple[datetime, time] | None:
+        """The next instant after ``local`` at which some window starts or ends, and that edge's time of day.
+
+        Compared and subtracted in UTC: arithmetic between datetimes of one zone is wall-clock arithmetic in
+        Python, which is off by the shift on the days the clocks change. An edge that does not exist that day
+        (inside a spring-forward gap) happens when the clocks jump past it.
+        """
         tz = local.tzinfo
+        now_utc = local.astimezone(UTC)
         candidates = []
         for day in range(3):
             date = (local + timedelta(days=day)).date()
             for window in self.windows:
                 for edge in (window.start, window.end):
-                    instant = datetime.combine(date, edge, tzinfo=tz)
-                    if instant > local:
-                        candidates.append(instant)
+                    instant = datetime.combine(date, edge, tzinfo=tz).astimezone(UTC)
+                    if instant > now_utc:
+                        candidates.append((instant, edge))
         return min(candidates) if candidates else None
 
-    def next_delay(self, now: datetime) -> float | None:
-        """Seconds from ``now`` (timezone-aware) until the next poll, or ``None`` if none is ever due."""
+    def next_delay(self, now: datetime, *, jitter: float = 0.0) -> float | None:
+        """Seconds from ``now`` (timezone-aware) until the next poll, or ``None`` if none is ever due.
+
+        ``jitter`` (0 to 1) shortens a poll interval by that fraction; it never moves the poll that comes
+        as a window opens, so a poll can never land outside a window.
+        """
         if now.tzinfo is None:
             raise ValueError("now must be timezone-aware")
-        local = now.astimezone(ZoneInfo(self.timezone))
+        zone = ZoneInfo(self.timezone)
+        local = now.astimezone(zone)
         elapsed = 0.0
         for _ in range(8):  # a few boundaries at most: enough to cross any day's windows
             rate = self._rate_at(local)
-            boundary = self._next_boundary(local)
-            until_boundary = None if boundary is None else (boundary - local).total_seconds()
+            found = self._next_boundary(local)
+            until_boundary = None if found is None else (found[0] - local.astimezone(UTC)).total_seconds()
             if rate is not None and (until_boundary is None or rate <= until_boundary):
-                return elapsed + rate
-            if boundary is None or until_boundary is None:
+                return elapsed + rate * (1.0 - jitter)
+            if found is None or until_boundary is None:
                 return None
             elapsed += until_boundary
-            local = boundary
-            if self._rate_at(local) is not None and any(w.start == local.time() for w in self.windows):
+            local = found[0].astimezone(zone)
+            if any(w.start == found[1] for w in self.windows) and self._rate_at(local) is not None:
                 return elapsed  # poll as a window opens
         return elapsed

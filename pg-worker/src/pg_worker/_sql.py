@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from ._names import notify_channel, queue_table, validate_queue_name
+from ._names import archive_table, notify_channel, queue_table, validate_queue_name
 
-SCHEMA_VERSION = 1
+# 2: the wakeup trigger notifies for every REPEATABLE READ / SERIALIZABLE producer.
+SCHEMA_VERSION = 2
 MIN_PGMQ_VERSION = (1, 10, 0)
 
 # --- installation ----------------------------------------------------------------------------------------
 
 # One global lock serialises concurrent installs (two migrations started at once); it is released at commit.
 INSTALL_LOCK = "SELECT pg_advisory_xact_lock(hashtext('pgworker.install'))"
+SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %s, true)"
 
 PGMQ_EXTENSION_VERSION = "SELECT extversion FROM pg_extension WHERE extname = 'pgmq'"
 PGMQ_AVAILABLE_VERSION = "SELECT default_version FROM pg_available_extensions WHERE name = 'pgmq'"
@@ -59,7 +61,11 @@ LANGUAGE plpgsql AS $fn$
 BEGIN
     -- Statement-level: a send_batch of any size costs one check and at most one notification.
     -- Busy workers have no row, so under load producers skip pg_notify and its commit-time lock.
-    IF EXISTS (SELECT 1 FROM pgworker.waiters WHERE queue_name = TG_ARGV[0]) THEN
+    -- A REPEATABLE READ or SERIALIZABLE producer reads the marks in a snapshot that may predate a worker's
+    -- mark, and the worker's race check cannot see a producer that had no xid yet when it marked: such
+    -- producers always notify.
+    IF current_setting('transaction_isolation') <> 'read committed'
+       OR EXISTS (SELECT 1 FROM pgworker.waiters WHERE queue_name = TG_ARGV[0]) THEN
         PERFORM pg_notify('pg_worker_' || TG_ARGV[0], '');
     END IF;
     RETURN NULL;
@@ -111,14 +117,39 @@ def qualified_queue_table(queue: str) -> str:
 
 
 # --- consuming -------------------------------------------------------------------------------------------
+#
+# Every write about a held message is fenced by the delivery it holds: ``msg_id`` AND the ``read_ct`` that the
+# read returned. A worker whose lease ran out (and whose message another worker read since, so read_ct grew)
+# matches no row: its late acknowledgement, retry, dead-letter move, hand-back or renewal changes nothing, and
+# the ``RETURNING`` tells it the lease was lost. read_ct only ever grows (hand-backs no longer give it back;
+# they are counted in a header instead), so a delivery's (msg_id, read_ct) is never reused.
+
+# Headers pg-worker keeps on a message for itself (never shown to handlers):
+CLOSED_KEY = "x-pg-worker-closed"  # read_ct of the last delivery that ended with a recorded retry or hand-back
+HANDBACKS_KEY = "x-pg-worker-handbacks"  # deliveries given back at shutdown: they do not count as attempts
+SOLO_KEY = "x-pg-worker-solo"  # times the message started running alone after a worker died under it
+INTERNAL_HEADERS = (CLOSED_KEY, HANDBACKS_KEY, SOLO_KEY)
+
+_HELD = "unnest(%(ids)s::bigint[], %(cts)s::int[]) AS held(id, ct)"
+_MATCH_HELD = "m.msg_id = held.id AND m.read_ct = held.ct"
+
+
+def _merge_headers(pairs: str) -> str:
+    """``m.headers`` with pg-worker's own keys merged in (headers that are not a JSON object stay as they are)."""
+    return (
+        "CASE WHEN m.headers IS NULL OR jsonb_typeof(m.headers) = 'object' "
+        f"THEN coalesce(m.headers, '{{{{}}}}'::jsonb) || jsonb_build_object({pairs}) ELSE m.headers END"
+    )
+
 
 def read(queue: str, *, unmark: bool) -> sql.Composed:
     """Lease up to ``qty`` visible messages, and in the same statement delete the ones this worker finished.
 
     The same query as ``pgmq.read`` (oldest first, ``FOR UPDATE SKIP LOCKED``, ``read_ct + 1``), written against
     the queue table so that it is a prepared statement rather than plpgsql building SQL text on every call; the
-    piggybacked acknowledgements save a statement and a commit per batch. ``unmark`` also withdraws this
-    worker's waiting mark: the first read after a wakeup, so producers stop notifying while it is busy.
+    piggybacked acknowledgements (fenced by read_ct) save a statement and a commit per batch. Rows with a NULL
+    read_ct confirm an acknowledgement. ``unmark`` also withdraws this worker's waiting mark: the first read
+    after a wakeup, so producers stop notifying while it is busy.
     """
     unmark_cte = (
         sql.SQL("unmark AS (DELETE FROM pgworker.waiters WHERE queue_name = %(queue)s AND worker_id = %(worker)s), ")
@@ -128,21 +159,30 @@ def read(queue: str, *, unmark: bool) -> sql.Composed:
     return sql.SQL(
         """
         WITH {unmark_cte}
-        acked AS (DELETE FROM pgmq.{t} WHERE msg_id = ANY(%(acks)s::bigint[])),
+        acked AS (
+            DELETE FROM pgmq.{t} m USING """ + _HELD + """
+            WHERE """ + _MATCH_HELD + """
+            RETURNING m.msg_id
+        ),
         leased AS (
             SELECT msg_id FROM pgmq.{t}
-            WHERE vt <= clock_timestamp()
+            WHERE vt <= clock_timestamp() AND msg_id <> ALL(%(ids)s::bigint[])
             ORDER BY msg_id
             LIMIT %(qty)s
             FOR UPDATE SKIP LOCKED
+        ),
+        taken AS (
+            UPDATE pgmq.{t} m
+            SET last_read_at = clock_timestamp(),
+                vt = clock_timestamp() + make_interval(secs => %(vt)s),
+                read_ct = m.read_ct + 1
+            FROM leased
+            WHERE m.msg_id = leased.msg_id
+            RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers
         )
-        UPDATE pgmq.{t} m
-        SET last_read_at = clock_timestamp(),
-            vt = clock_timestamp() + make_interval(secs => %(vt)s),
-            read_ct = m.read_ct + 1
-        FROM leased
-        WHERE m.msg_id = leased.msg_id
-        RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers
+        SELECT msg_id, read_ct, enqueued_at, message, headers FROM taken
+        UNION ALL
+        SELECT msg_id, NULL, NULL, NULL, NULL FROM acked
         """
     ).format(unmark_cte=unmark_cte, t=sql.Identifier(queue_table(queue)))
 
@@ -155,39 +195,82 @@ DO UPDATE SET listener_pid = EXCLUDED.listener_pid, marked_at = clock_timestamp(
 
 UNMARK_WORKER = "DELETE FROM pgworker.waiters WHERE worker_id = %s"
 
+# Held by the LISTEN connection (released when it closes): one live worker per worker id.
+CLAIM_WORKER_ID = "SELECT pg_try_advisory_lock(hashtext('pgworker.worker_id'), hashtext(%s))"
+
 # Marks whose listener connection no longer exists belong to dead workers; they only cost notifications.
 DELETE_STALE_MARKS = """
 DELETE FROM pgworker.waiters
 WHERE listener_pid NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)
 """
 
+# Transactions of other databases of the cluster cannot insert into our queues: leave them out of the
+# racing producers (a transaction that ended meanwhile is kept, which only costs one more re-check).
+_OTHER_DATABASES_XIDS = """
+    SELECT backend_xid::text::bigint FROM pg_stat_activity
+    WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database()
+"""
+
+# When work is next due, leaving out messages other workers hold right now: their holders renew the lease at
+# half its length, and an idle worker that planned on those vts would wake at every renewal. Held messages
+# are reported apart (the earliest one's id and vt), so that a crashed holder's message is still picked up
+# when its lease ends, with a backoff while the same message keeps being renewed. A huge vt (a delay of
+# centuries typed by mistake) is clamped, so it cannot break the plan.
+_HELD_NOW = f"(read_ct > 0 AND vt > clock_timestamp() AND (headers->>'{CLOSED_KEY}') IS DISTINCT FROM read_ct::text)"
+_NEXT_VT = (
+    "(SELECT least(vt, clock_timestamp() + interval '100 years') FROM pgmq.{table} WHERE NOT " + _HELD_NOW
+    + " ORDER BY vt LIMIT 1)"
+)
+_NEXT_HELD = (
+    "(SELECT ARRAY[msg_id::float8, extract(epoch FROM least(vt, clock_timestamp() + interval '100 years') - clock_timestamp())::float8]"
+    " FROM pgmq.{table} WHERE "
+    + _HELD_NOW + " ORDER BY vt LIMIT 1)"
+)
+
 
 def sleep_check(queue: str) -> sql.Composed:
     """Run after the waiting mark is committed: which writers might have missed it, and when is work due.
 
-    ``in_flight`` lists the transactions still running in this snapshot. Any producer that checked for a
-    waiting mark before ours was committed is among them or had committed already (and so is visible to the
-    ``next_vt`` look-up). Producers that start later see the mark and notify.
+    ``in_flight`` lists the transactions still running in this statement's snapshot, the same snapshot in
+    which ``next_vt`` is read. Any producer that checked for a waiting mark before ours was committed is among
+    them or had committed already (and so is visible to ``next_vt``). Producers that start later see the mark
+    and notify (REPEATABLE READ and SERIALIZABLE producers always notify: their snapshot may predate the mark).
     """
     return sql.SQL(
         """
-        SELECT ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot())::text) AS in_flight,
-               (SELECT min(vt) FROM pgmq.{table}) AS next_vt,
-               clock_timestamp() AS now
+        SELECT ARRAY(
+                   SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) AS x
+                   WHERE mod(x::text::bigint, 4294967296) NOT IN ("""
+        + _OTHER_DATABASES_XIDS
+        + """)
+               ) AS in_flight,
+               """
+        + _NEXT_VT
+        + """ AS next_vt,
+               clock_timestamp() AS now,
+               """
+        + _NEXT_HELD
+        + """ AS next_held
         """
     ).format(table=sql.Identifier(queue_table(queue)))
 
 
 def recheck(queue: str) -> sql.Composed:
-    """Which of the remembered transactions are still running, and when is work due."""
+    """Which of the remembered transactions are still running, and when is work due: both judged by the
+    statement's own snapshot (a live status check could see a commit whose row the snapshot misses)."""
     return sql.SQL(
         """
         SELECT ARRAY(
                    SELECT x FROM unnest(%(xids)s::text[]) AS x
-                   WHERE pg_xact_status(x::xid8) = 'in progress'
+                   WHERE NOT pg_visible_in_snapshot(x::xid8, pg_current_snapshot())
                ) AS in_flight,
-               (SELECT min(vt) FROM pgmq.{table}) AS next_vt,
-               clock_timestamp() AS now
+               """
+        + _NEXT_VT
+        + """ AS next_vt,
+               clock_timestamp() AS now,
+               """
+        + _NEXT_HELD
+        + """ AS next_held
         """
     ).format(table=sql.Identifier(queue_table(queue)))
 
@@ -195,7 +278,7 @@ def recheck(queue: str) -> sql.Composed:
 def poll_check(queues: list[str]) -> sql.Composed:
     """The fallback poll: when work is due on each queue, in one statement (one transaction) for all of them."""
     branches = [
-        sql.SQL("SELECT {name}::text, (SELECT min(vt) FROM pgmq.{table}), clock_timestamp()").format(
+        sql.SQL("SELECT {name}::text, " + _NEXT_VT + ", clock_timestamp()").format(
             name=sql.Literal(validate_queue_name(q)), table=sql.Identifier(queue_table(q))
         )
         for q in queues
@@ -203,40 +286,81 @@ def poll_check(queues: list[str]) -> sql.Composed:
     return sql.SQL(" UNION ALL ").join(branches)
 
 
-def delete_many(queue: str) -> sql.Composed:
-    return sql.SQL("DELETE FROM pgmq.{t} WHERE msg_id = ANY(%s::bigint[])").format(t=sql.Identifier(queue_table(queue)))
+def delete_held(queue: str) -> sql.Composed:
+    """Acknowledge by deleting; returns the ids whose delivery still matched."""
+    return sql.SQL("DELETE FROM pgmq.{t} m USING " + _HELD + " WHERE " + _MATCH_HELD + " RETURNING m.msg_id").format(
+        t=sql.Identifier(queue_table(queue))
+    )
 
 
-def archive_many(queue: str) -> sql.Composed:
-    return sql.SQL("SELECT count(*) FROM pgmq.archive({q}, %s::bigint[])").format(q=sql.Literal(validate_queue_name(queue)))
-
-RETRY_LATER = """
-SELECT count(*) FROM pgmq.set_vt(%(queue)s, %(msg_id)s::bigint, clock_timestamp() + make_interval(secs => %(delay)s))
-"""
-
-EXTEND_LEASES = """
-SELECT msg_id FROM pgmq.set_vt(%(queue)s, %(ids)s::bigint[], clock_timestamp() + make_interval(secs => %(vt)s))
-"""
-
-
-def hand_back(queue: str) -> sql.Composed:
-    """Make interrupted messages visible at once, and give back the delivery that shutdown cut short."""
-    return sql.SQL(
-        "UPDATE pgmq.{table} SET vt = clock_timestamp(), read_ct = greatest(read_ct - 1, 0) "
-        "WHERE msg_id = ANY(%s::bigint[])"
-    ).format(table=sql.Identifier(queue_table(queue)))
-
-
-def dead_letter(queue: str) -> sql.Composed:
-    """Move one message to the dead-letter queue in a single statement (so in one transaction).
-
-    The DLQ copy is built from the row as it is deleted, so nothing is sent if the message is gone already.
-    """
+def archive_held(queue: str) -> sql.Composed:
+    """Acknowledge by moving to pgmq's archive table (what ``pgmq.archive`` does, fenced)."""
     return sql.SQL(
         """
         WITH moved AS (
-            DELETE FROM pgmq.{table} WHERE msg_id = %(msg_id)s
-            RETURNING msg_id, read_ct, enqueued_at, message, headers
+            DELETE FROM pgmq.{t} m USING """ + _HELD + """
+            WHERE """ + _MATCH_HELD + """
+            RETURNING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers
+        )
+        INSERT INTO pgmq.{a} (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
+        SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM moved
+        RETURNING msg_id
+        """
+    ).format(t=sql.Identifier(queue_table(queue)), a=sql.Identifier(archive_table(queue)))
+
+
+def extend_leases(queue: str) -> sql.Composed:
+    """Renew the visibility timeout of held messages; returns the ids whose lease was still ours."""
+    return sql.SQL(
+        "UPDATE pgmq.{t} m SET vt = clock_timestamp() + make_interval(secs => %(vt)s) FROM " + _HELD
+        + " WHERE " + _MATCH_HELD + " RETURNING m.msg_id"
+    ).format(t=sql.Identifier(queue_table(queue)))
+
+
+def retry_later(queue: str) -> sql.Composed:
+    """Make a held message visible again after ``delay`` seconds, recording that this delivery ended cleanly."""
+    return sql.SQL(
+        "UPDATE pgmq.{t} m SET vt = clock_timestamp() + make_interval(secs => %(delay)s), headers = "
+        + _merge_headers(f"'{CLOSED_KEY}', m.read_ct")
+        + " WHERE m.msg_id = %(msg_id)s AND m.read_ct = %(read_ct)s RETURNING m.msg_id"
+    ).format(t=sql.Identifier(queue_table(queue)))
+
+
+def hand_back(queue: str) -> sql.Composed:
+    """Make interrupted messages visible at once; the delivery that shutdown cut short is not an attempt."""
+    handbacks = f"coalesce((m.headers->>'{HANDBACKS_KEY}')::int, 0) + 1"
+    return sql.SQL(
+        "UPDATE pgmq.{t} m SET vt = clock_timestamp(), headers = "
+        + _merge_headers(f"'{CLOSED_KEY}', m.read_ct, '{HANDBACKS_KEY}', {handbacks}")
+        + " FROM " + _HELD + " WHERE " + _MATCH_HELD + " RETURNING m.msg_id"
+    ).format(t=sql.Identifier(queue_table(queue)))
+
+
+def mark_solo(queue: str) -> sql.Composed:
+    """Record, before it runs, that a message suspected of killing a worker starts running alone."""
+    solo = f"coalesce((m.headers->>'{SOLO_KEY}')::int, 0) + 1"
+    return sql.SQL(
+        "UPDATE pgmq.{t} m SET headers = " + _merge_headers(f"'{SOLO_KEY}', {solo}")
+        + " WHERE m.msg_id = %(msg_id)s AND m.read_ct = %(read_ct)s RETURNING m.msg_id"
+    ).format(t=sql.Identifier(queue_table(queue)))
+
+
+def dead_letter(queue: str) -> sql.Composed:
+    """Move one held message to the dead-letter queue in a single statement (so in one transaction).
+
+    The DLQ copy is built from the row as it is deleted, so nothing is sent if the delivery is not ours any
+    more. ``attempts`` leaves out deliveries handed back at shutdown; pg-worker's own headers are dropped.
+    """
+    internal = ", ".join(f"'{key}'" for key in INTERNAL_HEADERS)
+    return sql.SQL(
+        """
+        WITH moved AS (
+            DELETE FROM pgmq.{table} m WHERE m.msg_id = %(msg_id)s AND m.read_ct = %(read_ct)s
+            RETURNING m.msg_id, m.read_ct - coalesce((m.headers->>'"""
+        + HANDBACKS_KEY
+        + """')::int, 0) AS attempts, m.enqueued_at, m.message, m.headers - ARRAY["""
+        + internal
+        + """] AS headers
         )
         SELECT pgmq.send(
             %(dlq)s,
@@ -245,7 +369,7 @@ def dead_letter(queue: str) -> sql.Composed:
                 'msg_id', moved.msg_id,
                 'message', moved.message,
                 'headers', moved.headers,
-                'attempts', moved.read_ct,
+                'attempts', moved.attempts,
                 'enqueued_at', moved.enqueued_at,
                 'failed_at', clock_timestamp(),
                 'error', %(error)s::jsonb

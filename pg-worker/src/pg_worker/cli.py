@@ -176,7 +176,8 @@ def _cmd_run(args: argparse.Namespace, settings: WorkerSettings) -> int:
     worker = Worker(app, url, config, listen_conninfo=settings.listen_url)
     asyncio.run(_serve(worker, settings))
     if worker.sync_jobs_running:
-        # Their messages were handed back already; Python would otherwise wait for these threads at exit.
+        # Their messages stay leased until their visibility timeout (never visible while a thread may still run
+        # them); Python would otherwise wait for these threads at exit.
         logger.warning("sync_jobs_abandoned", extra={"event": "sync_jobs_abandoned", "threads": worker.sync_jobs_running})
         if _server is not None:
             _server.cleanup()

@@ -47,8 +47,24 @@ class HealthProbe:
         checks = [
             Check("event_loop", stalled < self.liveness_timeout, f"last tick {stalled:.1f}s ago"),
             Check("tasks", health.crashed is None, health.crashed or "all running"),
+            self._progress("lease_keeper", health.lease_keeper_stalled_since),
+            self._progress("acknowledger", health.acknowledger_stalled_since),
+            Check(
+                "sync_handlers",
+                health.stuck_sync_jobs == 0,
+                f"{health.stuck_sync_jobs} sync handler(s) running past their job_timeout" if health.stuck_sync_jobs else "none stuck",
+            ),
         ]
         return Report(all(c.ok for c in checks), checks)
+
+    def _progress(self, name: str, stalled_since: float | None) -> Check:
+        """A part with work it has not finished for longer than the worker's ``stall_bound`` (a hung
+        connection) makes the worker not alive: a restart is the cure."""
+        if stalled_since is None:
+            return Check(name, True, "keeping up")
+        stalled = time.monotonic() - stalled_since
+        bound = self.worker.config.stall_bound
+        return Check(name, stalled < bound, f"no progress for {stalled:.1f}s (bound {bound:g}s)")
 
     async def readiness(self) -> Report:
         health = self.worker.health
@@ -63,9 +79,12 @@ class HealthProbe:
 
     async def _database(self) -> Check:
         health = self.worker.health
-        if health.listening:
-            return Check("database", True, "LISTEN connection up")
         now = time.monotonic()
+        # A LISTEN connection behind a dead route still looks up (nothing arrives to say otherwise): it only
+        # vouches for the database while no statement has failed since the last one that worked.
+        failing = health.last_db_error_at is not None and (health.last_db_ok is None or health.last_db_error_at > health.last_db_ok)
+        if health.listening and not failing:
+            return Check("database", True, "LISTEN connection up")
         if health.last_db_ok is not None and now - health.last_db_ok < self.db_fresh and (health.last_db_error_at is None or health.last_db_error_at < health.last_db_ok):
             return Check("database", True, f"last query {now - health.last_db_ok:.1f}s ago")
         try:

@@ -35,7 +35,8 @@ class WorkerMetrics(WorkerObserver):
 
     ``pg_worker_jobs_total{outcome}``: ``succeeded``; ``retried`` (failed, will run again); ``dead_lettered``
     (failed for good, or rejected as malformed); ``interrupted`` (handed back at shutdown); ``failed`` (failed,
-    and recording the retry or dead-letter move failed too: the message returns after its visibility timeout).
+    and recording the retry or dead-letter move failed too: the message returns after its visibility timeout);
+    ``lease_lost`` (the lease ran out or another worker took the message: the job was stopped, nothing written).
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -54,6 +55,9 @@ class WorkerMetrics(WorkerObserver):
         self.listen_connected = Gauge("pg_worker_listen_connected", "1 while the LISTEN connection is up.", registry=r)
         self.listen_reconnects = Counter("pg_worker_listen_disconnects", "Times the LISTEN connection was lost.", registry=r)
         self.db_errors = Counter("pg_worker_db_errors", "Failed database operations, by operation.", ["operation"], registry=r)
+        self.leases_lost = Counter(
+            "pg_worker_leases_lost", "Held deliveries found not to be ours any more, by what found it.", ["queue", "operation"], registry=r
+        )
         self.last_notification = Gauge(
             "pg_worker_last_notification_age_seconds", "Seconds since the last NOTIFY arrived (-1: none yet).", registry=r
         )
@@ -102,6 +106,9 @@ class WorkerMetrics(WorkerObserver):
 
     def db_error(self, operation: str, error: BaseException) -> None:
         self._child(self.db_errors, operation).inc()
+
+    def lease_lost(self, queue: str, msg_id: int, operation: str) -> None:
+        self._child(self.leases_lost, queue, operation).inc()
 
 
 class QueueStatsCollector(Collector):

@@ -43,6 +43,9 @@ class WorkerSettings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9480
     queue_stats_interval: float = 60.0
+    statement_timeout: float = 30.0
+    tcp_user_timeout: float = 15.0
+    stall_bound: float = 60.0
 
     @field_validator("database_url", "listen_url")
     @classmethod
@@ -63,6 +66,9 @@ class WorkerSettings(BaseSettings):
             shutdown_grace=self.shutdown_grace,
             auto_install=self.auto_install,
             synchronous_commit=self.synchronous_commit,
+            statement_timeout=self.statement_timeout,
+            tcp_user_timeout=self.tcp_user_timeout,
+            stall_bound=self.stall_bound,
         )
         return replace(config, worker_id=self.worker_id) if self.worker_id else config
 

@@ -146,5 +146,5 @@ async def test_job_timeout_cancels_the_handler_and_counts_as_a_failure(db_url: s
     await pg_worker.run_worker(app, db_url, stop_when_idle=True)
     assert time.monotonic() - started < 5
     [dead] = await dlq_messages(db_url, "slow")
-    assert dead["error"]["type"] == "pg_worker._worker.JobTimeout"
+    assert dead["error"]["type"] == "pg_worker.JobTimeout"
     assert "0.2s" in dead["error"]["message"]

@@ -123,3 +123,50 @@ async def test_refuses_an_offered_pgmq_extension_older_than_1_10(pg_server: PgSe
     with pytest.raises(SetupError, match=r"pgmq 1\.9\.0 \(extension offered by this server\) is too old"):
         await pg_worker.install(empty_db_url, ["jobs"])
     assert _scalar(empty_db_url, "SELECT count(*) FROM pg_extension WHERE extname = 'pgmq'") == 0
+
+
+async def test_install_never_downgrades_a_newer_schema_and_a_worker_says_so_at_start_up(db_url: str) -> None:
+    from pg_worker import App, Worker, WorkerConfig
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE pgworker.meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(SetupError, match="schema version 99, newer than"):
+        await pg_worker.install(db_url, ["jobs"])
+    assert _scalar(db_url, "SELECT value FROM pgworker.meta WHERE key = 'schema_version'") == "99", "left as it was"
+    app = App()
+    app.add_handler("jobs", lambda job: None)
+    with pytest.raises(SetupError, match="upgrade this one"):
+        await asyncio.wait_for(Worker(app, db_url, WorkerConfig(worker_id="old")).run(stop_when_idle=True), timeout=10)
+
+
+async def test_an_older_schema_is_upgraded_in_place_by_install(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE pgworker.meta SET value = '1' WHERE key = 'schema_version'")
+    report = await pg_worker.install(db_url, [])
+    assert report.schema_created
+    assert _scalar(db_url, "SELECT value FROM pgworker.meta WHERE key = 'schema_version'") == "2"
+
+
+async def test_install_gives_up_clearly_instead_of_queueing_behind_a_long_transaction(db_url: str) -> None:
+    await pg_worker.install(db_url, ["jobs"])
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER pg_worker_wakeup ON pgmq.q_jobs")
+    with psycopg.connect(db_url) as producer:
+        producer.execute("SELECT pgmq.send('jobs', '{}')")  # a transaction that wrote to the queue, still open
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            await asyncio.wait_for(pg_worker.install(db_url, ["jobs"], lock_timeout=0.5), timeout=10)
+        producer.rollback()
+    assert (await pg_worker.install(db_url, ["jobs"])).created_triggers == ["jobs"]
+
+
+async def test_two_workers_with_one_worker_id_the_second_is_refused(db_url: str) -> None:
+    from helpers import running_worker
+    from pg_worker import App, Worker, WorkerConfig
+
+    app = App()
+    app.add_handler("jobs", lambda job: None)
+    await pg_worker.install(db_url, ["jobs"])
+    async with running_worker(app, db_url, worker_id="replica"):
+        second = Worker(app, db_url, WorkerConfig(worker_id="replica"))
+        with pytest.raises(SetupError, match="worker id 'replica' is in use"):
+            await asyncio.wait_for(second.run(), timeout=15)

@@ -209,3 +209,44 @@ def test_delays_accept_timedelta() -> None:
 
     assert _delay_seconds(timedelta(minutes=2)) == 120
     assert _delay_seconds(None) == 0
+
+
+def _utc_delay(schedule: PollSchedule, now_local: datetime, expected_local: datetime, **kwargs: Any) -> tuple[float | None, float]:
+    """What the schedule says, and the true number of seconds between the two instants (through UTC)."""
+    delay = schedule.next_delay(now_local, **kwargs)
+    return delay, (expected_local.astimezone(UTC) - now_local.astimezone(UTC)).total_seconds()
+
+
+@pytest.mark.parametrize(
+    ("zone", "evening", "morning"),
+    [
+        # Berlin springs forward on 2026-03-29 (02:00 -> 03:00) and falls back on 2026-10-25 (03:00 -> 02:00).
+        ("Europe/Berlin", datetime(2026, 3, 28, 18, 0), datetime(2026, 3, 29, 8, 0)),
+        ("Europe/Berlin", datetime(2026, 10, 24, 18, 0), datetime(2026, 10, 25, 8, 0)),
+        # Santiago springs forward on 2026-09-06 (00:00 -> 01:00) and falls back on 2026-04-05 (00:00 -> 23:00).
+        ("America/Santiago", datetime(2026, 9, 5, 18, 0), datetime(2026, 9, 6, 8, 0)),
+        ("America/Santiago", datetime(2026, 4, 4, 18, 0), datetime(2026, 4, 5, 8, 0)),
+    ],
+)
+def test_schedule_windows_hold_in_wall_clock_time_across_daylight_saving_changes(zone: str, evening: datetime, morning: datetime) -> None:
+    tz = ZoneInfo(zone)
+    schedule = PollSchedule.parse("08:00-18:00 every 15m", interval=None, timezone=zone)
+    delay, true_seconds = _utc_delay(schedule, evening.replace(tzinfo=tz), morning.replace(tzinfo=tz))
+    assert delay == true_seconds, "the next poll comes exactly as the window opens at 08:00 local time"
+    assert true_seconds != 14 * 3600, "the test dates do cross a clock change"
+
+
+def test_schedule_window_starting_inside_a_spring_forward_gap_opens_when_the_clocks_jump() -> None:
+    tz = ZoneInfo("America/Santiago")  # 2026-09-06 00:00 does not exist: the clocks go from 23:59:59 to 01:00
+    schedule = PollSchedule.parse("00:00-06:00 every 1h", interval=None, timezone="America/Santiago")
+    now = datetime(2026, 9, 5, 22, 0, tzinfo=tz)
+    delay = schedule.next_delay(now)
+    assert delay == 2 * 3600, "the window opens when the clocks jump to 01:00, two real hours later"
+
+
+def test_jitter_shortens_intervals_but_never_moves_a_poll_outside_a_window() -> None:
+    schedule = PollSchedule.parse("08:00-18:00 every 15m", interval=None, timezone="UTC")
+    before_window = datetime(2026, 5, 4, 7, 0, tzinfo=UTC)
+    assert schedule.next_delay(before_window, jitter=0.1) == 3600, "the opening poll is not jittered earlier"
+    inside = datetime(2026, 5, 4, 9, 0, tzinfo=UTC)
+    assert schedule.next_delay(inside, jitter=0.1) == pytest.approx(900 * 0.9)

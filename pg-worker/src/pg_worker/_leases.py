@@ -1,0 +1,166 @@
+"""Leases: every message this worker holds, from its read until its outcome is written.
+
+The lease keeper renews visibility timeouts at half their length, one fenced statement per queue. Whether a
+lease still holds is judged from a clock, not from the keeper's statements: each lease carries a timer set to
+just before the moment its visibility timeout could have run out (counted from when the last successful read
+or renewal was *sent*), and when it fires the lease is lost and its job stopped, even while a renewal
+statement hangs. A renewal that matches no row (another worker holds a newer delivery) loses the lease too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import _sql
+from ._app import QueueConfig
+from ._db import DB_ERRORS, Database
+from ._events import WorkerObserver
+
+logger = logging.getLogger(__name__)
+
+# A lease counts as lost this long before its visibility timeout could end: time to stop the job first.
+EXPIRY_MARGIN_MAX = 1.0
+
+
+@dataclass(eq=False)
+class Lease:
+    """One delivery held by this worker: ``(msg_id, read_ct)`` is what every write about it is fenced by."""
+
+    queue: QueueConfig
+    msg_id: int
+    read_ct: int
+    expires_at: float  # monotonic: our conservative view of when the visibility timeout ends
+    renew_at: float
+    lost: str | None = None  # why the lease is gone ("expired", "taken"), None while held
+    on_lost: Callable[[Lease], None] | None = None
+    _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    @property
+    def held(self) -> bool:
+        return self.lost is None
+
+
+class LeaseKeeper:
+    def __init__(self, db: Database, observers: WorkerObserver) -> None:
+        self._db = db
+        self._observers = observers
+        self._leases: dict[tuple[str, int], Lease] = {}
+        self._wake = asyncio.Event()
+        self._next_renewal = float("inf")
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def hold(self, queue: QueueConfig, msg_id: int, read_ct: int, sent_at: float) -> Lease:
+        """Start holding a delivery read by a statement sent at ``sent_at`` (monotonic)."""
+        expires_at = sent_at + queue.visibility_timeout
+        lease = Lease(queue, msg_id, read_ct, expires_at, sent_at + queue.visibility_timeout / 2)
+        self._leases[(queue.name, msg_id)] = lease
+        self._arm(lease)
+        if lease.renew_at < self._next_renewal:
+            self._wake.set()
+        return lease
+
+    def release(self, lease: Lease) -> None:
+        """The delivery's outcome is written (or given up): stop renewing it."""
+        if self._leases.get((lease.queue.name, lease.msg_id)) is lease:
+            del self._leases[(lease.queue.name, lease.msg_id)]
+        if lease._timer is not None:
+            lease._timer.cancel()
+            lease._timer = None
+
+    def lose(self, lease: Lease, why: str, operation: str) -> None:
+        """The delivery is not ours any more: stop the job, and never write about it again."""
+        if lease.lost is not None:
+            return
+        lease.lost = why
+        self.release(lease)
+        self._observers.lease_lost(lease.queue.name, lease.msg_id, operation)
+        logger.warning(
+            "lease_lost",
+            extra={
+                "event": "lease_lost",
+                "queue": lease.queue.name,
+                "msg_id": lease.msg_id,
+                "attempt": lease.read_ct,
+                "operation": operation,
+                "why": why,
+                "note": "the job is stopped and its result not written; the message runs again elsewhere",
+            },
+        )
+        if lease.on_lost is not None:
+            lease.on_lost(lease)
+
+    def _arm(self, lease: Lease) -> None:
+        if lease._timer is not None:
+            lease._timer.cancel()
+        margin = min(EXPIRY_MARGIN_MAX, lease.queue.visibility_timeout * 0.1)
+        loop = asyncio.get_running_loop()
+        # loop.time() is monotonic too, but not necessarily time.monotonic(): convert.
+        fire_at = loop.time() + (lease.expires_at - margin - time.monotonic())
+        lease._timer = loop.call_at(fire_at, self.lose, lease, "expired", "lease_clock")
+
+    async def run(self) -> None:
+        """Renew the leases that are due, one statement per queue."""
+        while True:
+            if not self._leases:
+                self._next_renewal = float("inf")
+                self._db.health.lease_keeper_stalled_since = None
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            self._next_renewal = min(lease.renew_at for lease in self._leases.values())
+            delay = self._next_renewal - time.monotonic()
+            if delay > 0:
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                continue
+            if self._db.health.lease_keeper_stalled_since is None:
+                self._db.health.lease_keeper_stalled_since = time.monotonic()
+            await self._renew_due(time.monotonic())
+
+    async def _renew_due(self, now: float) -> None:
+        due: dict[str, list[Lease]] = {}
+        all_renewed = True
+        for lease in self._leases.values():
+            if lease.renew_at <= now:
+                due.setdefault(lease.queue.name, []).append(lease)
+        for queue, leases in due.items():
+            config = leases[0].queue
+            sent_at = time.monotonic()
+            try:
+                # Bounded: a renewal that cannot finish within a quarter of the lease is useless anyway, and
+                # the keeper must get back to the other queues.
+                rows = await self._db.fetchall(
+                    _sql.extend_leases(queue),
+                    {"ids": [lease.msg_id for lease in leases], "cts": [lease.read_ct for lease in leases], "vt": config.visibility_timeout},
+                    timeout=max(1.0, config.visibility_timeout / 4),
+                )
+            except DB_ERRORS as exc:
+                self._db.failed("renew_lease", exc, queue=queue, msg_ids=[lease.msg_id for lease in leases])
+                retry_at = time.monotonic() + min(1.0, config.visibility_timeout / 4)
+                for lease in leases:
+                    lease.renew_at = retry_at
+                all_renewed = False
+                continue
+            renewed = {row[0] for row in rows}
+            for lease in leases:
+                if lease.lost is not None:
+                    continue  # lost while the statement ran: its timer already stopped the job
+                if lease.msg_id in renewed:
+                    lease.expires_at = sent_at + config.visibility_timeout
+                    lease.renew_at = sent_at + config.visibility_timeout / 2
+                    self._arm(lease)
+                else:
+                    self.lose(lease, "taken", "renew_lease")
+            logger.debug("leases_renewed", extra={"event": "leases_renewed", "queue": queue, "msg_ids": sorted(renewed)})
+        if all_renewed:
+            self._db.health.lease_keeper_stalled_since = None
