@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 
@@ -20,6 +23,38 @@ sys.path.insert(0, str(TESTS_DIR))  # test apps (tests/apps.py) for worker subpr
 
 TEMPLATE = "pgw_template"
 _counter = itertools.count()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # SIGTERM (a cancelled CI job, `timeout`) would end pytest without fixture teardown or atexit hooks, and the
+    # session's PostgreSQL would outlive it; as an interrupt, teardown stops it.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def postmasters_under(path: Path) -> list[psutil.Process]:
+    """Running PostgreSQL servers whose data directory is inside ``path``."""
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        args = process.info["cmdline"] or []
+        if process.info["name"] == "postgres" and "-D" in args and any(a.startswith(str(path)) for a in args):
+            found.append(process)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_postgres_survives_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Torn down last: every server a test started (all live under the session's base temp) has stopped."""
+    yield
+    leaked = postmasters_under(tmp_path_factory.getbasetemp())
+    for process in leaked:  # ours: stop them, then fail
+        process.terminate()
+    psutil.wait_procs(leaked, timeout=30)
+    assert not leaked, f"PostgreSQL servers outlived the test session: {[p.info['cmdline'] for p in leaked]}"
 
 
 class PgServer:

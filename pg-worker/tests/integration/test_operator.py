@@ -7,12 +7,16 @@ import asyncio
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 from prometheus_client import generate_latest
@@ -228,3 +232,84 @@ def test_bootstrap_without_python_says_so_in_one_line() -> None:
     )
     assert result.returncode == 1
     assert result.stderr.splitlines() == ["bootstrap: Python 3.11 or newer is needed; PYTHON=nopython: not found"]
+
+
+# --- item 2: embedded servers do not outlive the processes that started them ---------------------------------
+
+@pytest.fixture(scope="module")
+def embedded_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A data directory for CLI processes that start the embedded server themselves (no DATABASE_URL)."""
+    path = tmp_path_factory.mktemp("embedded") / "data"
+    install = _embedded_cli(path, "install", "--queue", "jobs")
+    _, err = install.communicate(timeout=90)
+    assert install.returncode == 0, err
+    assert _postmaster(path) is None, "install stops the server it started"
+    yield path
+    postmaster = _postmaster(path)
+    if postmaster is not None:  # a failed test must not leak it either
+        postmaster.terminate()
+        postmaster.wait(30)
+
+
+def _postmaster(data_dir: Path) -> psutil.Process | None:
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split()[0])
+        process = psutil.Process(pid)
+        return process if process.name() == "postgres" else None
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return None
+
+
+def _embedded_cli(data_dir: Path, *args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "COLUMNS")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pg_worker", *args],
+        env={**env, "PG_WORKER_DATA_DIR": str(data_dir), "PG_WORKER_LOG_FORMAT": "json"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _handles(data_dir: Path) -> list[int]:
+    try:
+        return [int(pid) for pid in json.loads((data_dir / ".handle_pids.json").read_text())]
+    except (OSError, ValueError):
+        return []
+
+
+def _watching(data_dir: Path) -> tuple[subprocess.Popen[str], psutil.Process]:
+    """``status --watch`` on the embedded server, once the server is up and the process holds a handle."""
+    proc = _embedded_cli(data_dir, "status", "--watch", "--interval", "0.2")
+    deadline = time.monotonic() + 60
+    while proc.pid not in _handles(data_dir) or _postmaster(data_dir) is None:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the CLI did not start the embedded server within 60 s"
+        time.sleep(0.05)
+    postmaster = _postmaster(data_dir)
+    assert postmaster is not None and postmaster.is_running()
+    return proc, postmaster
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signalled_cli_stops_the_embedded_server_it_started(embedded_dir: Path, sig: signal.Signals) -> None:
+    proc, postmaster = _watching(embedded_dir)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode in (0, 128 + sig), proc.returncode
+    postmaster.wait(30)  # pg_ctl stop -w returned before the CLI exited; this only reaps the status
+    assert not postmaster.is_running()
+    assert _handles(embedded_dir) == []
+
+
+def test_a_killed_cli_leaves_no_handle_that_keeps_the_server_alive(embedded_dir: Path) -> None:
+    killed, postmaster = _watching(embedded_dir)
+    killed.kill()  # no atexit hooks: its pid stays in the handle file
+    killed.communicate(timeout=30)
+    assert killed.pid in _handles(embedded_dir)
+    after = _embedded_cli(embedded_dir, "queues", "--json")
+    _, err = after.communicate(timeout=60)
+    assert after.returncode == 0, err
+    assert "embedded_postgres_stale_handles" in err
+    postmaster.wait(30)
+    assert not postmaster.is_running(), "the stale handle kept the server alive"
