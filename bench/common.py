@@ -65,11 +65,11 @@ def server() -> Iterator[Server]:
     with tempfile.TemporaryDirectory(prefix="pgw-bench-") as tmp:
         Path(tmp).chmod(0o755)
         handle = start_embedded(Path(tmp) / "data", cleanup="delete")
-        with psycopg.connect(str(handle.get_uri()), autocommit=True) as conn:
-            # Autovacuum workers open transactions in every database now and then: noise for the idle count.
-            conn.execute("ALTER SYSTEM SET autovacuum = off")
-            conn.execute("SELECT pg_reload_conf()")
         try:
+            with psycopg.connect(str(handle.get_uri()), autocommit=True) as conn:
+                # Autovacuum workers open transactions in every database now and then: noise for the idle count.
+                conn.execute("ALTER SYSTEM SET autovacuum = off")
+                conn.execute("SELECT pg_reload_conf()")
             yield Server(str(handle.get_uri()), handle)
         finally:
             handle.cleanup()

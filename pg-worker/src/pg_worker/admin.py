@@ -10,11 +10,21 @@ from typing import Any
 import psycopg
 
 from . import _sql
-from ._names import DLQ_SUFFIX, InvalidQueueName, source_of_dlq, validate_queue_name
+from ._names import DLQ_SUFFIX, source_of_dlq, validate_queue_name
 
 
 class AdminError(Exception):
-    """A request that cannot be carried out (unknown queue, no such message): exit code 1 in the CLI."""
+    """A request that cannot be carried out (no such message): exit code 1 in the CLI."""
+
+
+class UnknownQueue(AdminError):
+    """The named queue does not exist (bad input: exit code 2 in the CLI); the message lists the known ones."""
+
+    def __init__(self, queue: str, known: Sequence[str], what: str = "queue") -> None:
+        listed = ", ".join(known) if known else "none (run `pg-worker install`)"
+        super().__init__(f"no such {what} {queue!r}; known queues: {listed}")
+        self.queue = queue
+        self.known = list(known)
 
 
 @dataclass(frozen=True)
@@ -32,7 +42,10 @@ class QueueStats:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    msg_id: int
+    """A message of ``<queue>_dlq``. ``dlq_id`` is its id there (what show, replay and purge take);
+    ``original_msg_id`` the id it had in its own queue, kept only for tracing logs."""
+
+    dlq_id: int
     dead_since: datetime
     body: dict[str, Any]
 
@@ -40,6 +53,17 @@ class DeadLetter:
     def error(self) -> dict[str, Any]:
         error = self.body.get("error")
         return error if isinstance(error, dict) else {}
+
+    @property
+    def original_msg_id(self) -> int | None:
+        value = self.body.get("original_msg_id", self.body.get("msg_id"))
+        return value if isinstance(value, int) else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The dead letter as one flat record, with both ids named unambiguously (the body's ``msg_id`` is
+        the original one)."""
+        rest = {k: v for k, v in self.body.items() if k not in ("msg_id", "original_msg_id", "dlq_id")}
+        return {"dlq_id": self.dlq_id, "original_msg_id": self.original_msg_id, "dead_since": self.dead_since.isoformat(), **rest}
 
 
 def _all_queues(conn: psycopg.Connection[Any]) -> list[str]:
@@ -68,16 +92,25 @@ def fetch_queue_stats(conn: psycopg.Connection[Any], queues: Iterable[str] | Non
     return [QueueStats(*row) for row in conn.execute(_sql.queue_stats(names, with_dlq, exact_limit)).fetchall()]
 
 
+def _exists(conn: psycopg.Connection[Any], queue: str) -> bool:
+    row = conn.execute(_sql.QUEUE_EXISTS, (queue,)).fetchone()
+    return bool(row and row[0])
+
+
+def check_queue(conn: psycopg.Connection[Any], name: str) -> str:
+    """``name`` if it is a queue; :class:`UnknownQueue` (listing the known ones) if not."""
+    queue = validate_queue_name(name)
+    if not _exists(conn, queue):
+        raise UnknownQueue(queue, list_queues(conn))
+    return queue
+
+
 def resolve_dlq(conn: psycopg.Connection[Any], name: str) -> tuple[str, str]:
-    """``(queue, dlq)`` for ``jobs`` or ``jobs_dlq``; :class:`AdminError` if it does not exist."""
-    try:
-        queue = source_of_dlq(name) if name.endswith(DLQ_SUFFIX) else validate_queue_name(name)
-    except InvalidQueueName as exc:
-        raise AdminError(str(exc)) from exc
+    """``(queue, dlq)`` for ``jobs`` or ``jobs_dlq``; :class:`UnknownQueue` if it does not exist."""
+    queue = source_of_dlq(name) if name.endswith(DLQ_SUFFIX) else validate_queue_name(name)
     dlq = queue + DLQ_SUFFIX
-    row = conn.execute(_sql.QUEUE_EXISTS, (dlq,)).fetchone()
-    if not row or not row[0]:
-        raise AdminError(f"no dead-letter queue {dlq!r} (is {queue!r} a queue? `pg-worker queues` lists them)")
+    if not _exists(conn, dlq):
+        raise UnknownQueue(dlq, [q for q in list_queues(conn) if _exists(conn, q + DLQ_SUFFIX)], what="dead-letter queue")
     return queue, dlq
 
 
@@ -86,30 +119,30 @@ def dlq_list(conn: psycopg.Connection[Any], name: str, *, limit: int = 50) -> li
     return [DeadLetter(*row) for row in conn.execute(_sql.dlq_list(dlq), (limit,)).fetchall()]
 
 
-def dlq_show(conn: psycopg.Connection[Any], name: str, msg_id: int) -> DeadLetter:
+def dlq_show(conn: psycopg.Connection[Any], name: str, dlq_id: int) -> DeadLetter:
     _, dlq = resolve_dlq(conn, name)
-    row = conn.execute(_sql.dlq_show(dlq), (msg_id,)).fetchone()
+    row = conn.execute(_sql.dlq_show(dlq), (dlq_id,)).fetchone()
     if row is None:
-        raise AdminError(f"no message {msg_id} in {dlq}")
+        raise AdminError(f"no dead letter with dlq_id {dlq_id} in {dlq}")
     return DeadLetter(*row)
 
 
 def _ids_or_all(ids: Sequence[int], every: bool) -> None:
     if every and ids:
-        raise ValueError("give message ids or --all, not both")
+        raise ValueError("give dlq_ids or --all, not both")
     if not every and not ids:
-        raise ValueError("give one or more message ids, or --all")
+        raise ValueError("give one or more dlq_ids, or --all")
 
 
 def _all_found(ids: Sequence[int], found: Sequence[int], dlq: str) -> None:
     """All or nothing: raising inside the transaction rolls back what the statement did."""
     missing = sorted(set(ids) - set(found))
     if missing:
-        raise AdminError(f"not found in {dlq}: {', '.join(map(str, missing))}; nothing changed")
+        raise AdminError(f"no such dlq_id in {dlq}: {', '.join(map(str, missing))}; nothing changed")
 
 
 def dlq_replay(conn: psycopg.Connection[Any], name: str, ids: Sequence[int] = (), *, every: bool = False) -> list[tuple[int, int]]:
-    """Send dead letters back to their queue as new messages (attempts start at 0); ``(old id, new id)`` pairs.
+    """Send dead letters back to their queue as new messages (attempts start at 0); ``(dlq_id, new msg_id)`` pairs.
 
     Atomic: the delete from the DLQ and the sends happen in one statement.
     """

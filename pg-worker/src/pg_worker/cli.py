@@ -12,9 +12,12 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
@@ -24,11 +27,11 @@ from . import admin
 from ._database import redact_url, resolve_database_url
 from ._install import SetupError, install
 from ._names import InvalidQueueName, validate_queue_name
-from ._producer import AsyncProducer
+from ._producer import Producer
 from ._schedule import InvalidSchedule
 from ._worker import Worker, WorkerCrashed
 from .health import HealthProbe
-from .logging_setup import configure_logging
+from .logging_setup import configure_logging, redact_text
 from .metrics import instrument
 from .observability import ObservabilityServer
 from .settings import WorkerSettings, load_app
@@ -36,6 +39,8 @@ from .settings import WorkerSettings, load_app
 logger = logging.getLogger("pg_worker.cli")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# Without a terminal rich would wrap tables at 80 columns; piped output is for grep and files, so keep rows whole.
+PIPED_WIDTH = 10_000
 
 
 class UsageError(Exception):
@@ -81,9 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     send = commands.add_parser("send", help="send one job")
     send.add_argument("queue", help="queue name")
-    send.add_argument("payload", help="the job as a JSON object, e.g. '{\"customer_id\": 42}'")
+    send.add_argument("payload", help="the job as a JSON object, e.g. '{\"customer_id\": 42}'; '-' reads it from stdin, '@path' from a file")
     send.add_argument("--delay", type=float, default=None, help="seconds before the job becomes visible")
     send.add_argument("--type", dest="job_type", default=None, help="set the message's 'type' field")
+    _flag(send, "--max-delay", env="PG_WORKER_MAX_DELAY", type=float, help="largest accepted --delay in seconds (default one year)")
+    _flag(send, "--max-message-size", env="PG_WORKER_MAX_MESSAGE_SIZE", type=int, help="largest accepted message, in bytes of JSON (default 1 MiB)")
     _common(send)
 
     queues = commands.add_parser("queues", help="a table of queues: depth, visible, in flight, oldest age, DLQ depth")
@@ -104,11 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_ls.add_argument("--json", action="store_true")
     dlq_show = dlq_commands.add_parser("show", help="one dead letter in full (JSON)")
     dlq_show.add_argument("queue")
-    dlq_show.add_argument("msg_id", type=int)
+    dlq_show.add_argument("dlq_id", type=int, metavar="DLQ_ID", help="the dead letter's dlq_id, as `dlq list` shows it")
     for action, text in (("replay", "send dead letters back to their queue, attempts reset"), ("purge", "delete dead letters for good")):
         sub = dlq_commands.add_parser(action, help=text)
         sub.add_argument("queue")
-        sub.add_argument("msg_ids", type=int, nargs="*", help="message ids in the DLQ")
+        sub.add_argument("dlq_ids", type=int, nargs="*", metavar="DLQ_ID", help="dlq_ids as `dlq list` shows them (not the original msg_id)")
         sub.add_argument("--all", dest="every", action="store_true", help="every message in the DLQ")
     for sub in dlq_commands.choices.values():
         _common(sub)
@@ -117,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> WorkerSettings:
     overrides: dict[str, Any] = {}
-    for field in ("app", "concurrency", "poll_interval", "poll_windows", "poll_timezone", "shutdown_grace", "worker_id", "data_dir", "log_level", "log_format", "metrics_host", "metrics_port"):
+    for field in ("app", "concurrency", "poll_interval", "poll_windows", "poll_timezone", "shutdown_grace", "worker_id", "data_dir", "log_level", "log_format", "metrics_host", "metrics_port", "max_delay", "max_message_size"):
         value = getattr(args, field, None)
         if value is not None:
             overrides[field] = value
@@ -128,13 +135,32 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
     return WorkerSettings(**overrides)
 
 
+def check_database_url(url: str) -> None:
+    """A malformed URL is a permanent error: say what libpq found wrong at once, without the password."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        reason = redact_text(str(exc).strip().replace(url, redact_url(url)))
+        raise UsageError(f"DATABASE_URL is malformed: {reason}") from exc
+    # libpq checks ports only when connecting, and a pool would retry that forever.
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise UsageError(f"DATABASE_URL is malformed: invalid port {port!r} in {redact_url(url)}")
+
+
 def _database(settings: WorkerSettings) -> tuple[str, Any]:
     if settings.database_url:
+        check_database_url(settings.database_url)
         return settings.database_url, None
     return resolve_database_url(settings.data_dir)
 
 
-async def _serve(worker: Worker, settings: WorkerSettings) -> None:
+def _console() -> Console:
+    piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    return Console(width=PIPED_WIDTH) if piped else Console()
+
+
+async def _serve(worker: Worker, settings: WorkerSettings, embedded: Any = None) -> None:
     loop = asyncio.get_running_loop()
     server = None
     if settings.metrics:
@@ -154,10 +180,12 @@ async def _serve(worker: Worker, settings: WorkerSettings) -> None:
             worker.request_stop()
         else:
             logger.warning("shutdown_forced", extra={"event": "shutdown_forced", "signal": name, "in_flight": worker.in_flight})
+            if embedded is not None:
+                embedded.cleanup()  # os._exit skips atexit, where the embedded server would be stopped
             logging.shutdown()
             os._exit(EXIT_FAILURE)  # unfinished messages come back after their visibility timeout
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the terminal went away
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         await worker.run()
@@ -174,7 +202,7 @@ def _cmd_run(args: argparse.Namespace, settings: WorkerSettings) -> int:
     url, _server = _database(settings)
     logger.info("database", extra={"event": "database", "url": redact_url(url), "embedded": _server is not None})
     worker = Worker(app, url, config, listen_conninfo=settings.listen_url)
-    asyncio.run(_serve(worker, settings))
+    asyncio.run(_serve(worker, settings, _server))
     if worker.sync_jobs_running:
         # Their messages stay leased until their visibility timeout (never visible while a thread may still run
         # them); Python would otherwise wait for these threads at exit.
@@ -200,21 +228,31 @@ def _cmd_install(args: argparse.Namespace, settings: WorkerSettings) -> int:
     return EXIT_OK
 
 
+def _payload_text(argument: str) -> str:
+    if argument == "-":
+        return sys.stdin.read()
+    if argument.startswith("@"):
+        try:
+            return Path(argument[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read payload from {argument[1:]!r}: {getattr(exc, 'strerror', None) or exc}") from exc
+    return argument
+
+
 def _cmd_send(args: argparse.Namespace, settings: WorkerSettings) -> int:
     validate_queue_name(args.queue)
     try:
-        payload = json.loads(args.payload)
+        payload = json.loads(_payload_text(args.payload))
     except json.JSONDecodeError as exc:
         raise UsageError(f"payload is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise UsageError("payload must be a JSON object")
-    url, _server = _database(settings)
-
-    async def send() -> int:
-        async with AsyncProducer(url) as producer:
-            return await producer.enqueue(args.queue, payload, type=args.job_type, delay=args.delay)
-
-    msg_id = asyncio.run(send())
+    producer = Producer(max_delay=settings.max_delay, max_message_size=settings.max_message_size)
+    producer.send_params(args.queue, payload, args.job_type, args.delay, None)  # bad input fails before connecting
+    conn, _server = _connect(settings)
+    with conn:
+        admin.check_queue(conn, args.queue)
+        msg_id = producer.enqueue(args.queue, payload, type=args.job_type, delay=args.delay, conn=conn)
     print(msg_id)
     return EXIT_OK
 
@@ -258,7 +296,7 @@ def _cmd_queues(args: argparse.Namespace, settings: WorkerSettings) -> int:
     elif not stats:
         print("no queues (run `pg-worker install`)")
     else:
-        Console().print(_queue_table(stats))
+        _console().print(_queue_table(stats))
     return EXIT_OK
 
 
@@ -280,7 +318,7 @@ def _cmd_status(args: argparse.Namespace, settings: WorkerSettings) -> int:
     if args.interval <= 0:
         raise UsageError("--interval must be > 0")
     conn, _server = _connect(settings)
-    console = Console()
+    console = _console()
     with conn:
         before, at = admin.fetch_queue_stats(conn), time.monotonic()
         if not args.watch:
@@ -302,58 +340,90 @@ def _cmd_status(args: argparse.Namespace, settings: WorkerSettings) -> int:
     return EXIT_OK
 
 
+def _dlq_table(queue: str, letters: list[admin.DeadLetter]) -> Table:
+    table = Table(title=f"dead letters of {queue}", header_style="bold")
+    for column in ("dlq_id", "original msg_id", "dead since", "attempts", "reason", "error", "message"):
+        table.add_column(column)
+    for d in letters:
+        error = d.error
+        table.add_row(
+            str(d.dlq_id),
+            str(d.original_msg_id if d.original_msg_id is not None else "-"),
+            d.dead_since.strftime("%Y-%m-%d %H:%M:%S"),
+            str(d.body.get("attempts", "")),
+            str(error.get("reason", "")),
+            f"{str(error.get('type', '')).rsplit('.', 1)[-1]}: {error.get('message', '')}"[:80],
+            json.dumps(d.body.get("message"))[:60],
+        )
+    return table
+
+
 def _cmd_dlq(args: argparse.Namespace, settings: WorkerSettings) -> int:
     conn, _server = _connect(settings)
     with conn:
         if args.dlq_command == "list":
             letters = admin.dlq_list(conn, args.queue, limit=args.limit)
             if args.json:
-                print(json.dumps([{"msg_id": d.msg_id, "dead_since": d.dead_since.isoformat(), **d.body} for d in letters], default=str))
-                return EXIT_OK
-            table = Table(title=f"dead letters of {args.queue}", header_style="bold")
-            for column in ("msg_id", "dead since", "attempts", "reason", "error", "message"):
-                table.add_column(column)
-            for d in letters:
-                error = d.error
-                table.add_row(
-                    str(d.msg_id),
-                    d.dead_since.strftime("%Y-%m-%d %H:%M:%S"),
-                    str(d.body.get("attempts", "")),
-                    str(error.get("reason", "")),
-                    f"{str(error.get('type', '')).rsplit('.', 1)[-1]}: {error.get('message', '')}"[:80],
-                    json.dumps(d.body.get("message"))[:60],
-                )
-            Console().print(table if letters else f"{args.queue}: no dead letters")
+                print(json.dumps([d.as_dict() for d in letters], default=str))
+            else:
+                _console().print(_dlq_table(args.queue, letters) if letters else f"{args.queue}: no dead letters")
         elif args.dlq_command == "show":
-            letter = admin.dlq_show(conn, args.queue, args.msg_id)
-            print(json.dumps({"msg_id": letter.msg_id, "dead_since": letter.dead_since.isoformat(), **letter.body}, indent=2, default=str))
+            print(json.dumps(admin.dlq_show(conn, args.queue, args.dlq_id).as_dict(), indent=2, default=str))
         elif args.dlq_command == "replay":
-            moved = admin.dlq_replay(conn, args.queue, args.msg_ids, every=args.every)
-            print(f"replayed {len(moved)} message(s) to {args.queue.removesuffix('_dlq')}" + "".join(f"\n  {old} -> {new}" for old, new in moved))
+            moved = admin.dlq_replay(conn, args.queue, args.dlq_ids, every=args.every)
+            queue = args.queue.removesuffix("_dlq")
+            print(f"replayed {len(moved)} message(s) to {queue}" + "".join(f"\n  dlq_id {old} -> msg_id {new} in {queue}" for old, new in moved))
         else:
-            purged = admin.dlq_purge(conn, args.queue, args.msg_ids, every=args.every)
-            print(f"purged {len(purged)} message(s) from {args.queue.removesuffix('_dlq')}_dlq")
+            purged = admin.dlq_purge(conn, args.queue, args.dlq_ids, every=args.every)
+            dlq = f"{args.queue.removesuffix('_dlq')}_dlq"
+            print(f"purged {len(purged)} message(s) from {dlq}" + "".join(f"\n  dlq_id {dlq_id}" for dlq_id in sorted(purged)))
     return EXIT_OK
 
 
 COMMANDS = {"run": _cmd_run, "install": _cmd_install, "send": _cmd_send, "queues": _cmd_queues, "status": _cmd_status, "dlq": _cmd_dlq}
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    # The default action ends the process without atexit hooks, which is where the embedded server is stopped.
+    raise SystemExit(128 + signum)
+
+
+def _json_logs(args: argparse.Namespace) -> bool:
+    chosen = getattr(args, "log_format", None) or os.environ.get("PG_WORKER_LOG_FORMAT") or "auto"
+    return chosen == "json" or (chosen == "auto" and not sys.stderr.isatty())
+
+
+def _fail(message: str, code: int, json_errors: bool) -> int:
+    """The last word of a failed command, in the log format: with JSON logs, stderr holds JSON lines only.
+
+    Written directly (not through logging): it must work even when the logging settings were the bad input.
+    """
+    message = redact_text(message)
+    if json_errors:
+        record = {"event": "cli_error", "level": "error", "logger": logger.name, "error": message, "exit_code": code}
+        print(json.dumps({**record, "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}), file=sys.stderr)
+    else:
+        print(f"pg-worker: {'error: ' if code == EXIT_USAGE else ''}{message}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
+    json_errors = _json_logs(args)
     try:
         settings = _settings(args)
         configure_logging(settings.log_level, settings.log_format)
         return COMMANDS[args.command](args, settings)
-    except (UsageError, InvalidQueueName, InvalidSchedule, ValidationError, ValueError, TypeError) as exc:
-        print(f"pg-worker: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except (UsageError, InvalidQueueName, InvalidSchedule, ValidationError, ValueError, TypeError, admin.UnknownQueue) as exc:
+        return _fail(str(exc), EXIT_USAGE, json_errors)
     except (SetupError, WorkerCrashed, admin.AdminError) as exc:
-        print(f"pg-worker: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _fail(str(exc), EXIT_FAILURE, json_errors)
     except psycopg.Error as exc:
-        print(f"pg-worker: database error: {exc}".strip(), file=sys.stderr)
-        return EXIT_FAILURE
+        return _fail(f"database error: {exc}".strip(), EXIT_FAILURE, json_errors)
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
 
 
 def entrypoint() -> None:

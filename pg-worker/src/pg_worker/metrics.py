@@ -30,6 +30,17 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 
+# Label values known before anything happens. Counters start at 0 for each, so that rate()/increase() alerts see
+# the first error as an increase (a series that appears at 1 has no earlier sample to compare with).
+DB_OPERATIONS = (
+    "startup", "read", "check", "poll", "ack", "retry", "dead_letter", "hand_back", "renew_lease", "mark_solo", "unmark", "listen", "queue_stats",
+)
+# What finds a lease lost: a fenced write that matched nothing, or the lease's own clock.
+LEASE_OPERATIONS = ("ack", "retry", "dead_letter", "hand_back", "renew_lease", "mark_solo", "lease_clock")
+REJECT_REASONS = ("not_an_object", "invalid_type", "unknown_type", "invalid_payload")
+WORKER_ERROR_TYPES = ("JobTimeout", "PermanentFailure")
+
+
 class WorkerMetrics(WorkerObserver):
     """Counts what a worker does. Pass it to ``Worker(observers=[...])``.
 
@@ -64,6 +75,20 @@ class WorkerMetrics(WorkerObserver):
         self._last_notification_at: float | None = None
         self.last_notification.set_function(self._notification_age)
         self._children: dict[tuple[Any, ...], Any] = {}
+
+    def start_at_zero(self, queues: Iterable[str]) -> None:
+        """Create every known labelled series at 0 (``instrument`` does this for the worker's queues)."""
+        for operation in DB_OPERATIONS:
+            self._child(self.db_errors, operation)
+        for queue in queues:
+            for outcome in Outcome:
+                self._child(self.jobs, queue, outcome.value)
+            for reason in REJECT_REASONS:
+                self._child(self.rejected, queue, reason)
+            for error_type in WORKER_ERROR_TYPES:
+                self._child(self.failures, queue, error_type)
+            for operation in LEASE_OPERATIONS:
+                self._child(self.leases_lost, queue, operation)
 
     def _notification_age(self) -> float:
         at = self._last_notification_at
@@ -166,6 +191,7 @@ class QueueStatsCollector(Collector):
 def instrument(worker: Worker, *, registry: CollectorRegistry | None = None, stats_max_age: float = 60.0) -> WorkerMetrics:
     """Attach metrics to a worker (before it runs): its events plus the cached queue statistics."""
     metrics = WorkerMetrics(registry)
+    metrics.start_at_zero(worker.app.queues)
     worker.observers.add(metrics)
     metrics.registry.register(
         QueueStatsCollector(worker.conninfo, worker.app.queues, max_age=stats_max_age, on_error=lambda exc: metrics.db_error("queue_stats", exc))

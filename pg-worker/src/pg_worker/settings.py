@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ._app import App
 from ._config import WorkerConfig
 from ._database import DEFAULT_DATA_DIR
+from ._producer import DEFAULT_MAX_DELAY, DEFAULT_MAX_MESSAGE_SIZE
 from ._schedule import PollSchedule, parse_duration
 
 
@@ -46,6 +47,8 @@ class WorkerSettings(BaseSettings):
     statement_timeout: float = 30.0
     tcp_user_timeout: float = 15.0
     stall_bound: float = 60.0
+    max_delay: float = DEFAULT_MAX_DELAY
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
 
     @field_validator("database_url", "listen_url")
     @classmethod

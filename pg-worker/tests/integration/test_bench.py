@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[3]
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_the_benchmark_suite_runs_and_prints_every_figure(tmp_path: Path) -> None:
+def test_the_benchmark_suite_runs_and_prints_every_figure(tmp_path: Path, pg_tmp_root: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}  # its own embedded server
+    env["TMPDIR"] = str(pg_tmp_root)  # where its server lives (see conftest.pg_tmp_root), checked for leaks
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--json", str(tmp_path / "results.json")],
         cwd=REPO,

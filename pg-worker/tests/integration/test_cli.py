@@ -77,8 +77,8 @@ def test_send_and_its_error_paths(db_url: str) -> None:
     bad_name = cli(db_url, "send", "Jobs", "{}")
     assert (bad_name.returncode, "lowercase" in bad_name.stderr) == (2, True)
     missing = cli(db_url, "send", "nowhere", "{}")
-    assert missing.returncode == 1
-    assert "database error" in missing.stderr
+    assert missing.returncode == 2
+    assert "no such queue 'nowhere'" in missing.stderr
     assert "Traceback" not in missing.stderr
 
 
@@ -87,16 +87,16 @@ def test_dlq_list_and_show(dead_letters: str) -> None:
     assert listed.returncode == 0, listed.stderr
     assert "permanent_failure" in listed.stdout and "customer 2 unknown" in listed.stdout
     as_json = json.loads(cli(dead_letters, "dlq", "list", "jobs_dlq", "--json", "--limit", "2").stdout)
-    assert [d["msg_id"] for d in as_json] == [1, 2]
+    assert [d["dlq_id"] for d in as_json] == [1, 2]
     shown = cli(dead_letters, "dlq", "show", "jobs", "3")
     assert shown.returncode == 0
     body = json.loads(shown.stdout)
     assert (body["queue"], body["message"], body["error"]["reason"]) == ("jobs", {"customer": 3}, "permanent_failure")
 
     missing = cli(dead_letters, "dlq", "show", "jobs", "42")
-    assert (missing.returncode, "no message 42 in jobs_dlq" in missing.stderr) == (1, True)
+    assert (missing.returncode, "no dead letter with dlq_id 42 in jobs_dlq" in missing.stderr) == (1, True)
     unknown = cli(dead_letters, "dlq", "list", "nosuch")
-    assert (unknown.returncode, "no dead-letter queue 'nosuch_dlq'" in unknown.stderr) == (1, True)
+    assert (unknown.returncode, "no such dead-letter queue 'nosuch_dlq'" in unknown.stderr) == (2, True)
     empty = cli(dead_letters, "dlq", "list", "jobs", "--limit", "0")
     assert empty.returncode == 0 and "no dead letters" in empty.stdout
 
@@ -105,12 +105,12 @@ def test_dlq_purge_one_then_all_and_its_errors(dead_letters: str) -> None:
     assert cli(dead_letters, "dlq", "purge", "jobs").returncode == 2, "neither ids nor --all"
     assert cli(dead_letters, "dlq", "purge", "jobs", "1", "--all").returncode == 2, "both"
     partly = cli(dead_letters, "dlq", "purge", "jobs", "1", "99")
-    assert partly.returncode == 1 and "not found in jobs_dlq: 99; nothing changed" in partly.stderr
+    assert partly.returncode == 1 and "no such dlq_id in jobs_dlq: 99; nothing changed" in partly.stderr
     assert len(asyncio.run(dlq_messages(dead_letters, "jobs"))) == 3
     one = cli(dead_letters, "dlq", "purge", "jobs", "2")
-    assert one.stdout.strip() == "purged 1 message(s) from jobs_dlq"
+    assert one.stdout.splitlines()[0] == "purged 1 message(s) from jobs_dlq"
     rest = cli(dead_letters, "dlq", "purge", "jobs_dlq", "--all")
-    assert rest.stdout.strip() == "purged 2 message(s) from jobs_dlq"
+    assert rest.stdout.splitlines()[0] == "purged 2 message(s) from jobs_dlq"
     assert asyncio.run(dlq_messages(dead_letters, "jobs")) == []
 
 
