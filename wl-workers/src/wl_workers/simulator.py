@@ -21,7 +21,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -91,12 +91,15 @@ class RouterSimulator:
         self.port = port
         self.identity = identity
         self.faults = Faults()
+        # called (method, path) before each REST request is served: tests use it to change the router "by hand"
+        # at an exact moment, e.g. between a driver's look-up and its change
+        self.before_request: Callable[[str, str], None] | None = None
         self.requests: list[RequestRecord] = []
         self.reboots = 0
         self._items: dict[str, list[dict[str, str]]] = {menu: [] for menu in MENUS}
         self._next_id = 1
         self._lock = threading.RLock()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._in_flight = 0
         self._in_flight_by_key: dict[str, int] = {}
@@ -116,7 +119,7 @@ class RouterSimulator:
         class Handler(_Handler):
             simulator = sim
 
-        server = ThreadingHTTPServer((self.host, self.port), Handler)
+        server = _Server((self.host, self.port), Handler)
         server.daemon_threads = True
         self.port = int(server.server_address[1])
         self._server = server
@@ -353,6 +356,16 @@ class RouterSimulator:
         self.come_up()
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # clients that gave up (timeouts, drops) are part of the game; anything else is logged
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        logger.exception("sim_request_failed", extra={"event": "sim_request_failed", "client": client_address})
+
+
 def _request_key(query: str, body: Any) -> str:
     """Which customer a request concerns (address or PPP name), for the per-customer concurrency count."""
     values = dict(parse_qsl(query))
@@ -428,6 +441,8 @@ class _Handler(BaseHTTPRequestHandler):
                     raise _error(sim.faults.fail_status, "simulated failure")
                 if not sim.authorized(self.headers.get("Authorization")):
                     raise _error(401)
+                if sim.before_request is not None:
+                    sim.before_request(method, split.path)
                 status, payload = sim.handle(method, split.path, split.query, body)
         except _Reply as reply:
             status, payload = reply.status, reply.body
