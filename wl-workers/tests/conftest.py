@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,8 +42,11 @@ class WlPg:
 
 
 @pytest.fixture(scope="session")
-def wl_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WlPg]:
-    server = WlPg(start_embedded(tmp_path_factory.mktemp("wlpg") / "data", cleanup="delete"))
+def wl_pg() -> Iterator[WlPg]:
+    # a directory of our own, not pytest's numbered tmp dirs, which concurrent pytest runs of other checkouts on
+    # the same machine prune (an initdb failed that way)
+    base = Path(tempfile.mkdtemp(prefix="wl-workers-pg-"))
+    server = WlPg(start_embedded(base / "data", cleanup="delete"))
     with server.admin() as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
         conn.execute(f"CREATE DATABASE {TEMPLATE}")
@@ -53,6 +58,7 @@ def wl_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WlPg]:
     asyncio.run(prepare())
     yield server
     server.handle.cleanup()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

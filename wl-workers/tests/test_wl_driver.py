@@ -3,6 +3,7 @@ concurrent changes, reboots between look-up and change, and the error classes.""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import ssl
 import subprocess
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from wl_helpers import changes
 
+from wl_helpers import changes
 from wl_workers._store import Device
 from wl_workers.drivers import PermanentDeviceError, RouterOsRest, Timeouts, TransientDeviceError, make_driver
 from wl_workers.simulator import RouterSimulator
@@ -157,7 +158,8 @@ async def test_simulator_speaks_routeros(sim: RouterSimulator) -> None:
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
 async def test_https_with_ca_file_and_insecure_switch(sim: RouterSimulator, tmp_path: Path) -> None:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
+    await asyncio.to_thread(
+        subprocess.run,
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
          "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
         check=True, capture_output=True,

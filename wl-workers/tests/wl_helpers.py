@@ -27,7 +27,7 @@ def at(minutes: float) -> datetime:
 
 
 def fast_settings(**overrides: Any) -> WlSettings:
-    values: dict[str, Any] = {"action_base_delay": 0.1, "action_max_delay": 0.5, "busy_retry_delay": 0.1, "http_read_timeout": 2.0, "http_connect_timeout": 1.0, "lock_wait": 5.0}
+    values: dict[str, Any] = {"action_base_delay": 0.1, "action_max_delay": 0.5, "busy_retry_delay": 0.1, "http_read_timeout": 2.0, "http_connect_timeout": 1.0, "lock_wait": 5.0, "payment_base_delay": 0.1}
     values.update(overrides)
     return WlSettings(**values)
 
@@ -102,3 +102,7 @@ async def wait_until(predicate: Callable[[], Any], limit: float = 20.0, interval
 def changes(sim: RouterSimulator) -> list[tuple[str, str]]:
     """The requests that changed something (PUT/PATCH/DELETE answered 2xx)."""
     return [(r.method, r.path) for r in sim.requests if r.method in ("PUT", "PATCH", "DELETE") and 200 <= r.status < 300]
+
+
+async def queue_dlq_count(url: str, queue: str = DEVICE_ACTIONS) -> int:
+    return await queue_depth(url, f"{queue}_dlq")

@@ -20,7 +20,7 @@ def build_app(conninfo: str, settings: WlSettings | None = None) -> App:
         job_timeout=job_timeout,
         retry=RetryPolicy(max_attempts=settings.action_max_attempts, base_delay=settings.action_base_delay, max_delay=settings.action_max_delay),
     )
-    app.queue(PAYMENT_SYNC, visibility_timeout=30, job_timeout=60, retry=RetryPolicy(max_attempts=settings.payment_max_attempts, base_delay=5.0, max_delay=600.0))
+    app.queue(PAYMENT_SYNC, visibility_timeout=30, job_timeout=60, retry=RetryPolicy(max_attempts=settings.payment_max_attempts, base_delay=settings.payment_base_delay, max_delay=600.0))
     actions = DeviceActions(conninfo, settings)
     app.add_handler(DEVICE_ACTIONS, actions.handle, type=ACTIVATE, schema=ServiceAction)
     app.add_handler(DEVICE_ACTIONS, actions.handle, type=DEACTIVATE, schema=ServiceAction)

@@ -41,6 +41,7 @@ class WlSettings(BaseSettings):
     mercadopago_api_base_url: str = Field(default="https://api.mercadopago.com", validation_alias="MERCADOPAGO_API_BASE_URL")
     mercadopago_access_token: SecretStr | None = Field(default=None, validation_alias="MERCADOPAGO_ACCESS_TOKEN")
     payment_max_attempts: int = Field(default=10, ge=1)
+    payment_base_delay: float = Field(default=5.0, ge=0)
 
     @field_validator("database_url")
     @classmethod
