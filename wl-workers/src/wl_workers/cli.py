@@ -212,12 +212,10 @@ async def _demo_seed(conn: psycopg.AsyncConnection[Any], args: argparse.Namespac
     except NotFound:
         await add_device(conn, name=DEMO_DEVICE, host=url.hostname, port=url.port, scheme=url.scheme or "http", username=args.username, password_ref=args.password_ref)
     existing = {s.service_id for s in await list_services(conn, DEMO_DEVICE)}
-    sim = simulator.RouterSimulator()
-    for service_id, method, target in sim.seed_demo():
+    for service_id, method, target, desired in simulator.DEMO_CUSTOMERS:
         if service_id not in existing:
-            desired = "suspended" if target == "10.20.0.13" else "active"
             await add_service(conn, service_id, DEMO_DEVICE, method, target, desired)
-    print(f"device {DEMO_DEVICE} ({args.url}) with services: {', '.join(s for s, _, _ in sim.seed_demo())}")
+    print(f"device {DEMO_DEVICE} ({args.url}) with services: {', '.join(c[0] for c in simulator.DEMO_CUSTOMERS)}")
     return EXIT_OK
 
 
