@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import httpx
 import psycopg
@@ -19,9 +20,11 @@ from wl_workers.cli import main
 from wl_workers.reconcile import reconcile
 from wl_workers.simulator import RouterSimulator
 
+Cli = Callable[..., tuple[int, str, str]]
+
 
 @pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> object:
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
     def run(url: str, *argv: str) -> tuple[int, str, str]:
         monkeypatch.setenv("DATABASE_URL", url)
         code = main(list(argv))
@@ -48,47 +51,47 @@ async def test_changed_or_unknown_migration_is_refused(wl_empty_db: str) -> None
         await migrate(wl_empty_db, [])
 
 
-def test_migrate_command_creates_schema_and_queues(wl_empty_db: str, cli: object) -> None:
-    code, out, _ = cli(wl_empty_db, "migrate")  # type: ignore[operator]
+def test_migrate_command_creates_schema_and_queues(wl_empty_db: str, cli: Cli) -> None:
+    code, out, _ = cli(wl_empty_db, "migrate")
     assert code == 0 and "device_actions" in out and "payment_sync" in out
-    code, out, _ = cli(wl_empty_db, "migrate")  # type: ignore[operator]
+    code, out, _ = cli(wl_empty_db, "migrate")
     assert code == 0 and "applied: none" in out and "queues created: none" in out
 
 
-def test_operator_flow(wl_db: str, sim: RouterSimulator, cli: object) -> None:
+def test_operator_flow(wl_db: str, sim: RouterSimulator, cli: Cli) -> None:
     run = cli
     ref = "env:WL_TEST_ROUTER_PASSWORD"
-    assert run(wl_db, "device", "add", "r1", "--host", "127.0.0.1", "--port", str(sim.port), "--scheme", "http", "--username", "api", "--password-ref", ref)[0] == 0  # type: ignore[operator]
-    code, _, err = run(wl_db, "device", "add", "r2", "--host", "h", "--username", "u", "--password-ref", "hunter2")  # type: ignore[operator]
+    assert run(wl_db, "device", "add", "r1", "--host", "127.0.0.1", "--port", str(sim.port), "--scheme", "http", "--username", "api", "--password-ref", ref)[0] == 0
+    code, _, err = run(wl_db, "device", "add", "r2", "--host", "h", "--username", "u", "--password-ref", "hunter2")
     assert code == 2 and "env:NAME or file:/absolute/path" in err
-    code, out, _ = run(wl_db, "device", "list")  # type: ignore[operator]
+    code, out, _ = run(wl_db, "device", "list")
     assert "r1" in out and ref in out and sim.password not in out
-    assert '"max_concurrent": 2' in run(wl_db, "device", "show", "r1")[1]  # type: ignore[operator]
-    code, _, err = run(wl_db, "service", "add", "c1", "--device", "r1", "--method", "address-list", "--target", "not-an-ip")  # type: ignore[operator]
+    assert '"max_concurrent": 2' in run(wl_db, "device", "show", "r1")[1]
+    code, _, err = run(wl_db, "service", "add", "c1", "--device", "r1", "--method", "address-list", "--target", "not-an-ip")
     assert code == 2 and "IP address" in err
-    assert run(wl_db, "service", "add", "c1", "--device", "r1", "--method", "address-list", "--target", "10.9.0.1")[0] == 0  # type: ignore[operator]
-    code, _, err = run(wl_db, "service", "add", "c2", "--device", "nope", "--method", "pppoe", "--target", "u")  # type: ignore[operator]
+    assert run(wl_db, "service", "add", "c1", "--device", "r1", "--method", "address-list", "--target", "10.9.0.1")[0] == 0
+    code, _, err = run(wl_db, "service", "add", "c2", "--device", "nope", "--method", "pppoe", "--target", "u")
     assert code == 2 and "no device named 'nope'" in err
-    assert "10.9.0.1" in run(wl_db, "service", "list")[1]  # type: ignore[operator]
-    code, out, _ = run(wl_db, "deactivate", "c1", "--reason", "test")  # type: ignore[operator]
+    assert "10.9.0.1" in run(wl_db, "service", "list")[1]
+    code, out, _ = run(wl_db, "deactivate", "c1", "--reason", "test")
     assert code == 0 and "enqueued service.deactivate" in out
-    assert run(wl_db, "activate", "nope")[0] == 2  # type: ignore[operator]
+    assert run(wl_db, "activate", "nope")[0] == 2
     asyncio.run(drain(wl_db))
-    code, out, _ = run(wl_db, "service", "show", "c1")  # type: ignore[operator]
+    code, out, _ = run(wl_db, "service", "show", "c1")
     assert "desired   suspended" in out and "applied   suspended" in out and "device    suspended" in out
     sim.remove_where("ip/firewall/address-list", address="10.9.0.1")  # by hand
-    code, out, _ = run(wl_db, "reconcile", "--dry-run")  # type: ignore[operator]
+    code, out, _ = run(wl_db, "reconcile", "--dry-run")
     assert code == 0 and "would enqueue service.deactivate" in out
-    code, _, err = run(wl_db, "device", "remove", "r1")  # type: ignore[operator]
+    code, _, err = run(wl_db, "device", "remove", "r1")
     assert code == 2 and "still has 1 service" in err
 
 
-def test_demo_seed_matches_the_seeded_simulator(wl_db: str, cli: object, router_password: str) -> None:
+def test_demo_seed_matches_the_seeded_simulator(wl_db: str, cli: Cli, router_password: str) -> None:
     with RouterSimulator(username="api", password=router_password) as sim:
         sim.seed_demo()
-        code, out, _ = cli(wl_db, "demo-seed", "--url", sim.url, "--username", "api", "--password-ref", "env:WL_TEST_ROUTER_PASSWORD")  # type: ignore[operator]
+        code, out, _ = cli(wl_db, "demo-seed", "--url", sim.url, "--username", "api", "--password-ref", "env:WL_TEST_ROUTER_PASSWORD")
         assert code == 0 and "cust-1001" in out
-        assert cli(wl_db, "demo-seed", "--url", sim.url)[0] == 0, "idempotent"  # type: ignore[operator]
+        assert cli(wl_db, "demo-seed", "--url", sim.url)[0] == 0, "idempotent"
         report = asyncio.run(reconcile(wl_db, fast_settings(), dry_run=True))
         assert report.checked == 5 and report.differences == [] and report.errors == []
 
