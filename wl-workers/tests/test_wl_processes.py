@@ -3,6 +3,7 @@ hold across processes; the worker's /metrics shows the per-device metrics; SIGTE
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -110,6 +111,8 @@ async def test_device_limit_and_service_serialization_across_two_processes(wl_db
     assert all(sim.is_suspended_address(f"10.20.1.{i + 1}") for i in range(1, 6))
     applied_by = [workers.log(i).count('"action_applied"') for i in range(2)]
     assert all(n > 0 for n in applied_by), f"both processes did work: {applied_by}"
+    applied_lines = [json.loads(line) for line in workers.log(0).splitlines() if '"action_applied"' in line]
+    assert applied_lines and all(line["device"] == "r1" and line["service_id"] in services for line in applied_lines)
 
     async with httpx.AsyncClient() as client:
         text = (await client.get(f"http://127.0.0.1:{workers.metrics_ports[0]}/metrics")).text

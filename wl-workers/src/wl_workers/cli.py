@@ -246,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         configure_logging(args.log_level)
+        # httpx logs every request at INFO: one line per router call is noise next to our own action events
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         return _dispatch(args)
     except (NotFound, ValueError, ValidationError, psycopg.errors.IntegrityError) as exc:
         print(f"wl-workers: error: {str(exc).strip()}", file=sys.stderr)
