@@ -123,3 +123,9 @@ async def test_simulate_router_command(router_password: str) -> None:
         started = time.monotonic()
         code = await asyncio.to_thread(proc.wait, 10)
     assert code == 0 and time.monotonic() - started < 10
+
+
+def test_run_refuses_an_unmigrated_database(wl_empty_db: str, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PG_WORKER_METRICS", "false")
+    code, _, err = cli(wl_empty_db, "run")
+    assert code == 1 and "run `wl-workers migrate` first" in err and "0001_devices_and_services.sql" in err
