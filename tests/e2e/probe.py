@@ -1,4 +1,4 @@
-"""Run inside a network namespace: one HTTP GET, the outcome as one JSON line (never raises)."""
+"""Run inside a network namespace: one HTTP request (GET, or POST of a JSON body), the outcome as one JSON line."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import urllib.request
 
 def main() -> None:
     url, timeout = sys.argv[1], float(sys.argv[2])
+    # an optional third argument: a JSON body to POST
+    data = sys.argv[3].encode() if len(sys.argv) > 3 else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             result: dict[str, object] = {"ok": True, "status": response.status, "body": response.read().decode()}
     except urllib.error.URLError as exc:
         reason = exc.reason

@@ -108,6 +108,7 @@ class Tunnel:
         self.processes: list[subprocess.Popen[str]] = []
         self.entrypoint: subprocess.Popen[str] | None = None
         self._namespaces: list[str] = []
+        self._files: list[IO[str]] = []
 
     # -- set-up -----------------------------------------------------------------------------------------------
 
@@ -198,7 +199,13 @@ class Tunnel:
 
     # -- processes --------------------------------------------------------------------------------------------
 
-    def popen(self, ns: str, *cmd: str, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen[str]:
+    def popen(
+        self, ns: str, *cmd: str, env: dict[str, str] | None = None, log: Path | None = None, **kwargs: Any
+    ) -> subprocess.Popen[str]:
+        """Starts ``cmd`` in namespace ``ns``; its output goes to a pipe, or appended to the file ``log``."""
+        if log is not None:
+            kwargs["stdout"] = log.open("a")
+            self._files.append(kwargs["stdout"])
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.STDOUT)
         process = subprocess.Popen(
@@ -213,12 +220,13 @@ class Tunnel:
         server = self.popen(self.site_ns, sys.executable, "-u", "-m", "http.server", "--bind", DEVICE_IP, str(port),
                             "--directory", str(self.workdir))  # fmt: skip
         assert server.stdout is not None
-        first = _readline(server.stdout, timeout=15)
+        first = read_line(server.stdout, timeout=15)
         assert first.startswith("Serving HTTP"), first
         return server
 
-    def probe(self, ns: str, url: str, timeout: float = 3.0) -> dict[str, Any]:
-        out = sh("ip", "netns", "exec", ns, sys.executable, str(PROBE), url, str(timeout))
+    def probe(self, ns: str, url: str, timeout: float = 3.0, post: str | None = None) -> dict[str, Any]:
+        extra = [post] if post is not None else []
+        out = sh("ip", "netns", "exec", ns, sys.executable, str(PROBE), url, str(timeout), *extra)
         result: dict[str, Any] = json.loads(out)
         return result
 
@@ -239,11 +247,13 @@ class Tunnel:
                 os.kill(pid, signal.SIGKILL)
         for ns in self._namespaces:
             sh("ip", "netns", "delete", ns, check=False)
+        for file in self._files:
+            file.close()
         for name in (self.vpn_if, self.site_if):
             Path(f"/var/run/wireguard/{name}.sock").unlink(missing_ok=True)
 
 
-def _readline(stream: IO[str], *, timeout: float) -> str:
+def read_line(stream: IO[str], *, timeout: float) -> str:
     import selectors
 
     with selectors.DefaultSelector() as selector:
