@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterator
@@ -9,6 +10,7 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import psycopg
 import pytest
 
 from pg_worker import AsyncProducer
@@ -156,3 +158,32 @@ async def test_reconcile_reports_an_unreachable_device(wl_db: str, sim: RouterSi
     sim.go_down()
     report = await reconcile(wl_db, fast_settings(http_connect_timeout=0.5), dry_run=True)
     assert report.differences == [] and len(report.errors) == 1 and report.errors[0][0] == "c-al"
+
+
+async def test_periodic_reconcile_repairs_the_router(wl_db: str, sim: RouterSimulator) -> None:
+    from wl_workers.runner import _periodic_reconcile
+
+    await add_router(wl_db, sim)
+    await add_customer(wl_db, "c-al", "address-list", "10.20.0.11")
+    sim.add("ip/firewall/address-list", list="morosos", address="10.20.0.11")  # by hand
+    stop = asyncio.Event()
+    settings = fast_settings(reconcile_interval=0.2)
+    # two workers' periodic reconcilers, as with two processes
+    tasks = [asyncio.create_task(_periodic_reconcile(wl_db, settings, stop)) for _ in range(2)]
+    try:
+        await wait_until(lambda: queue_depth(wl_db, "device_actions"), what="a repair enqueued by the periodic reconcile")
+        await drain(wl_db)
+        await wait_until(lambda: not sim.is_suspended_address("10.20.0.11"), what="router repaired")
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+async def test_one_reconcile_pass_at_a_time(wl_db: str, sim: RouterSimulator) -> None:
+    from wl_workers import _sql
+
+    async with await psycopg.AsyncConnection.connect(wl_db, autocommit=True) as other:
+        await other.execute(_sql.TRY_RECONCILE_LOCK)  # another process is reconciling
+        assert await reconcile_once_exclusive(wl_db, fast_settings()) is None
+        await other.execute(_sql.RELEASE_RECONCILE_LOCK)
+    assert await reconcile_once_exclusive(wl_db, fast_settings()) is not None

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 
 from pg_worker import AsyncProducer, Worker, WorkerConfig
-from wl_workers._store import add_device, add_service, get_service
+from wl_workers._store import Service, add_device, add_service, get_service
 from wl_workers.actions import action_message
 from wl_workers.app import build_app
 from wl_workers.settings import DEVICE_ACTIONS, WlSettings
@@ -47,7 +47,7 @@ async def enqueue(url: str, action: str, service_id: str, event_at: datetime, re
         return await producer.enqueue(DEVICE_ACTIONS, action_message(action, service_id, event_at, reason))
 
 
-async def service_row(url: str, service_id: str) -> Any:
+async def service_row(url: str, service_id: str) -> Service:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         return await get_service(conn, service_id)
 

@@ -212,12 +212,10 @@ async def _demo_seed(conn: psycopg.AsyncConnection[Any], args: argparse.Namespac
     except NotFound:
         await add_device(conn, name=DEMO_DEVICE, host=url.hostname, port=url.port, scheme=url.scheme or "http", username=args.username, password_ref=args.password_ref)
     existing = {s.service_id for s in await list_services(conn, DEMO_DEVICE)}
-    sim = simulator.RouterSimulator()
-    for service_id, method, target in sim.seed_demo():
+    for service_id, method, target, desired in simulator.DEMO_CUSTOMERS:
         if service_id not in existing:
-            desired = "suspended" if target == "10.20.0.13" else "active"
             await add_service(conn, service_id, DEMO_DEVICE, method, target, desired)
-    print(f"device {DEMO_DEVICE} ({args.url}) with services: {', '.join(s for s, _, _ in sim.seed_demo())}")
+    print(f"device {DEMO_DEVICE} ({args.url}) with services: {', '.join(c[0] for c in simulator.DEMO_CUSTOMERS)}")
     return EXIT_OK
 
 
@@ -248,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         configure_logging(args.log_level)
+        # httpx logs every request at INFO: one line per router call is noise next to our own action events
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         return _dispatch(args)
     except (NotFound, ValueError, ValidationError, psycopg.errors.IntegrityError) as exc:
         print(f"wl-workers: error: {str(exc).strip()}", file=sys.stderr)

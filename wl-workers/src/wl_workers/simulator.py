@@ -30,6 +30,14 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 logger = logging.getLogger(__name__)
 
 MENUS = ("ip/firewall/address-list", "ppp/secret", "ppp/active")
+# (service id, method, target, desired state) of the demo: `simulate-router --seed-demo` and `demo-seed`
+DEMO_CUSTOMERS = (
+    ("cust-1001", "address-list", "10.20.0.11", "active"),
+    ("cust-1002", "address-list", "10.20.0.12", "active"),
+    ("cust-1003", "address-list", "10.20.0.13", "suspended"),
+    ("cust-2001", "pppoe", "pppoe-2001", "active"),
+    ("cust-2002", "pppoe", "pppoe-2002", "active"),
+)
 # Fields an item gets when added without them (RouterOS fills these in).
 _DEFAULTS: dict[str, dict[str, str]] = {
     "ip/firewall/address-list": {"disabled": "false", "dynamic": "false", "comment": ""},
@@ -170,7 +178,10 @@ class RouterSimulator:
     def add(self, menu: str, **fields: Any) -> dict[str, str]:
         """Add an item directly (as an operator on the console would); returns it."""
         with self._lock:
-            return dict(self._add(menu, {k.replace("_", "-"): v for k, v in fields.items()}))
+            try:
+                return dict(self._add(menu, {k.replace("_", "-"): v for k, v in fields.items()}))
+            except _Reply as reply:
+                raise ValueError(str(reply.body)) from None
 
     def _add(self, menu: str, fields: dict[str, Any]) -> dict[str, str]:
         values = {k: _as_string(v) for k, v in fields.items() if k != ".id"}
@@ -222,22 +233,16 @@ class RouterSimulator:
                 for item in self._items[menu]:
                     item[".id"] = self._new_id()
 
-    def seed_demo(self) -> list[tuple[str, str, str]]:
-        """A few customers: (service id, method, target). Address-list customers 10.20.0.11-13 and PPPoE users
-        with a session each; customer 13 starts suspended."""
-        customers = [
-            ("cust-1001", "address-list", "10.20.0.11"),
-            ("cust-1002", "address-list", "10.20.0.12"),
-            ("cust-1003", "address-list", "10.20.0.13"),
-            ("cust-2001", "pppoe", "pppoe-2001"),
-            ("cust-2002", "pppoe", "pppoe-2002"),
-        ]
-        self.add("ip/firewall/address-list", list="morosos", address="10.20.0.13", comment="suspended by hand")
-        for number, (_sid, method, target) in enumerate(customers):
+    def seed_demo(self) -> None:
+        """The demo customers (``DEMO_CUSTOMERS``): PPPoE users with a secret and a session each, and the
+        suspended address-list customer in ``morosos``."""
+        for number, (_sid, method, target, desired) in enumerate(DEMO_CUSTOMERS):
             if method == "pppoe":
-                self.add("ppp/secret", name=target, password="", service="pppoe", profile="default")
-                self.add("ppp/active", name=target, address=f"10.30.0.{number + 1}", caller_id=f"AA:BB:CC:00:00:{number:02X}")
-        return customers
+                self.add("ppp/secret", name=target, password="", service="pppoe", profile="default", disabled=desired == "suspended")
+                if desired == "active":
+                    self.add("ppp/active", name=target, address=f"10.30.0.{number + 1}", caller_id=f"AA:BB:CC:00:00:{number:02X}")
+            elif desired == "suspended":
+                self.add("ip/firewall/address-list", list="morosos", address=target, comment="suspended")
 
     # -- request handling (called from the server's threads) -------------------------------------------------
 
