@@ -54,7 +54,7 @@ def test_compose_config_rejects_a_broken_model(tmp_path: Path) -> None:
     require_tools("docker-compose")
     project = example_project(tmp_path)
     model = load(project / "docker-compose.yml")
-    model["services"]["wl-workers"]["networks"] = ["backend"]
+    model["services"]["wl-workers"]["networks"] = ["default"]
     (project / "docker-compose.yml").write_text(yaml.safe_dump(model))
     env = {**os.environ, "WIREGUARD_CONFIG": str(project / "deploy" / "wireguard" / "wg0.conf")}
     result = subprocess.run(
@@ -65,6 +65,8 @@ def test_compose_config_rejects_a_broken_model(tmp_path: Path) -> None:
 
 
 def test_workers_share_the_vpn_namespace_owner(services: dict[str, Any]) -> None:
+    for name, service in services.items():  # one network: the owner, postgres and Prometheus meet on it
+        assert "networks" not in service, name
     owner = services["vpn-netns"]
     assert owner["command"] == ["sleep", "infinity"] and "network_mode" not in owner
     for name in ("wireguard", "wl-workers"):
@@ -79,7 +81,8 @@ def test_workers_share_the_vpn_namespace_owner(services: dict[str, Any]) -> None
 def test_payment_webhook_stays_off_the_vpn(services: dict[str, Any]) -> None:
     webhook = services["payment-webhook"]
     assert "network_mode" not in webhook
-    assert webhook["networks"] == ["backend"] and webhook["ports"] and webhook["healthcheck"]
+    assert "networks" not in webhook  # the default network, as postgres and Prometheus
+    assert webhook["ports"] and webhook["healthcheck"]
 
 
 def test_prometheus_scrapes_the_workers_through_the_namespace_owner() -> None:
@@ -112,7 +115,7 @@ def test_every_image_is_pinned_and_limited(services: dict[str, Any]) -> None:
 
 
 def test_compose_subnet_is_pinned_and_apart_from_the_device_subnets() -> None:
-    subnets = [ipaddress.ip_network(c["subnet"]) for c in load()["networks"]["backend"]["ipam"]["config"]]
+    subnets = [ipaddress.ip_network(c["subnet"]) for c in load()["networks"]["default"]["ipam"]["config"]]
     allowed = [ipaddress.ip_network(n.strip()) for n in _wg_example()["allowedips"][0].split(",")]
     assert subnets and allowed
     assert not any(s.overlaps(a) for s in subnets for a in allowed)
