@@ -13,6 +13,7 @@ Keys are generated at set-up with ``wg genkey`` and live only in a temporary dir
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -55,13 +56,12 @@ def sh(*cmd: str, check: bool = True, input: str | None = None, env: dict[str, s
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def pids_of(*argv: str) -> list[int]:
@@ -84,6 +84,10 @@ def clean_stale() -> None:
         name = line.split()[0] if line.strip() else ""
         parts = name.split("-")
         if name.startswith(PREFIX) and len(parts) >= 3 and parts[1].isdigit() and not _alive(int(parts[1])):
+            # what that run started there (servers, wireguard-go, workers) outlived it in sessions of their own
+            for pid in sh("ip", "netns", "pids", name, check=False).split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
             sh("ip", "netns", "delete", name, check=False)
     for sock in Path("/var/run/wireguard").glob("wg[vs]*.sock"):
         pid = sock.stem[3:].split("x")[0]
