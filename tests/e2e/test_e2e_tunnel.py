@@ -22,6 +22,7 @@ def test_device_answers_only_through_the_tunnel(tunnel: Tunnel) -> None:
 
     tunnel.start_wireguard()
     wait_until(tunnel.healthy, what="a handshake (the wireguard healthcheck)")
+    assert not tunnel.healthy(max_age=-1), "a handshake older than the limit is unhealthy"
     through = tunnel.probe(tunnel.vpn_ns, URL)
     assert through == {"ok": True, "status": 200, "body": "router"}
 

@@ -182,12 +182,12 @@ class Tunnel:
         out = sh("ip", "-n", self.vpn_ns, "-o", "link", "show", self.vpn_if, check=False)
         return ",UP" in out or "<UP" in out
 
-    def healthy(self) -> bool:
+    def healthy(self, max_age: int = 180) -> bool:
         """The wireguard service's healthcheck, run in its namespace."""
+        env = {**os.environ, "WG_INTERFACE": self.vpn_if, "WG_HANDSHAKE_MAX_AGE": str(max_age)}
         result = subprocess.run(
-            ["ip", "netns", "exec", self.vpn_ns, str(HEALTHCHECK)],
-            env={**os.environ, "WG_INTERFACE": self.vpn_if}, capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+            ["ip", "netns", "exec", self.vpn_ns, str(HEALTHCHECK)], env=env, capture_output=True, text=True, timeout=30
+        )
         return result.returncode == 0
 
     def kill_vpn_wireguard_go(self) -> None:
