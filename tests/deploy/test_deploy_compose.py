@@ -109,8 +109,7 @@ def test_every_image_is_pinned_and_limited(services: dict[str, Any]) -> None:
         image = service["image"]
         assert re.search(r":[\w][\w.-]*$|@sha256:[0-9a-f]{64}$", image.split("/")[-1]), f"{name}: {image} is not pinned"
         assert not image.endswith((":latest", ":stable")), f"{name}: {image}"
-        if name not in ("prometheus", "grafana"):
-            assert service["deploy"]["resources"]["limits"]["memory"], name
+        assert service["deploy"]["resources"]["limits"]["memory"], name
     assert services["postgres"]["image"] == "ghcr.io/pgmq/pg18-pgmq:v1.13.0"
 
 
