@@ -110,6 +110,8 @@ def test_every_image_is_pinned_and_limited(services: dict[str, Any]) -> None:
         assert re.search(r":[\w][\w.-]*$|@sha256:[0-9a-f]{64}$", image.split("/")[-1]), f"{name}: {image} is not pinned"
         assert not image.endswith((":latest", ":stable")), f"{name}: {image}"
         assert service["deploy"]["resources"]["limits"]["memory"], name
+        if image.startswith("widelink/"):  # ours: built here, never pulled (a registry may hold a namesake)
+            assert service["build"] and service["pull_policy"] == "build", name
     assert services["postgres"]["image"] == "ghcr.io/pgmq/pg18-pgmq:v1.13.0"
 
 
