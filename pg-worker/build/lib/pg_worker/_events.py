@@ -1,0 +1,101 @@
+"""Lifecycle events a worker reports to its observers (metrics, tests, services).
+
+The worker core only calls these methods; observers (e.g. the Prometheus exporter) import the core, never
+the reverse. Observer methods run inline on the event loop: they must be quick and must not raise.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._app import Job
+
+logger = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    RETRIED = "retried"
+    DEAD_LETTERED = "dead_lettered"
+    INTERRUPTED = "interrupted"  # handed back at shutdown
+
+
+class WakeupSource(StrEnum):
+    STARTUP = "startup"
+    NOTIFY = "notify"
+    POLL = "poll"
+    TIMER = "timer"  # a delayed or retried message became visible
+    RECHECK = "recheck"  # a producer raced with the worker going to sleep
+    RECONNECT = "reconnect"
+
+
+class WorkerObserver:
+    """Base class with no-op methods: override what you need."""
+
+    def job_started(self, job: Job[object], latency: float) -> None:
+        """``latency``: seconds from enqueue (or from becoming visible) to handler start."""
+
+    def job_finished(self, job: Job[object], outcome: Outcome, duration: float, error: BaseException | None) -> None:
+        """A job left the handler. ``duration`` is the handler's run time in seconds."""
+
+    def message_rejected(self, queue: str, msg_id: int, reason: str) -> None:
+        """A message went to the dead-letter queue without reaching a handler (malformed, unknown type)."""
+
+    def wakeup(self, queue: str, source: WakeupSource) -> None:
+        """The fetch loop of ``queue`` woke up and will read."""
+
+    def listen_state(self, connected: bool) -> None:
+        """The LISTEN connection came up or went down."""
+
+    def notification(self, queue: str) -> None:
+        """A NOTIFY arrived for ``queue``."""
+
+    def db_error(self, operation: str, error: BaseException) -> None:
+        """A database operation failed (it is retried or its message comes back later)."""
+
+    def loop_tick(self) -> None:
+        """The worker's main loop is alive (called at least once per poll cycle and after each batch)."""
+
+
+class ObserverGroup(WorkerObserver):
+    """Fans every event out to several observers; an observer that raises is logged, never fatal."""
+
+    def __init__(self, observers: list[WorkerObserver] | None = None) -> None:
+        self._observers = list(observers or [])
+
+    def add(self, observer: WorkerObserver) -> None:
+        self._observers.append(observer)
+
+    def _each(self, method: str, *args: object) -> None:
+        for observer in self._observers:
+            try:
+                getattr(observer, method)(*args)
+            except Exception:
+                logger.exception("observer_failed", extra={"event": "observer_failed", "observer": repr(observer)})
+
+    def job_started(self, job: Job[object], latency: float) -> None:
+        self._each("job_started", job, latency)
+
+    def job_finished(self, job: Job[object], outcome: Outcome, duration: float, error: BaseException | None) -> None:
+        self._each("job_finished", job, outcome, duration, error)
+
+    def message_rejected(self, queue: str, msg_id: int, reason: str) -> None:
+        self._each("message_rejected", queue, msg_id, reason)
+
+    def wakeup(self, queue: str, source: WakeupSource) -> None:
+        self._each("wakeup", queue, source)
+
+    def listen_state(self, connected: bool) -> None:
+        self._each("listen_state", connected)
+
+    def notification(self, queue: str) -> None:
+        self._each("notification", queue)
+
+    def db_error(self, operation: str, error: BaseException) -> None:
+        self._each("db_error", operation, error)
+
+    def loop_tick(self) -> None:
+        self._each("loop_tick")

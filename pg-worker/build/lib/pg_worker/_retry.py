@@ -1,0 +1,64 @@
+"""When to try a failed job again, as a small pure object."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class RetryLater(Exception):
+    """Raised by a handler to have its job tried again after ``delay`` seconds.
+
+    The attempt still counts towards the queue's ``max_attempts``: a device that never comes back must not
+    keep a job alive forever.
+    """
+
+    def __init__(self, delay: float, reason: str = "") -> None:
+        if delay < 0:
+            raise ValueError("delay must be >= 0")
+        super().__init__(reason or f"retry requested in {delay:g}s")
+        self.delay = float(delay)
+
+
+class PermanentFailure(Exception):
+    """Raised by a handler when trying again cannot help: the job goes straight to the dead-letter queue."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: ``base_delay * 2**(attempt-1)``, capped at ``max_delay``.
+
+    ``jitter`` is the fraction of the delay that is randomised (0.0 = none, 1.0 = "full jitter").
+    ``attempt`` is pgmq's ``read_ct``: 1 for the first delivery.
+    """
+
+    max_attempts: int = 5
+    base_delay: float = 2.0
+    max_delay: float = 600.0
+    jitter: float = 0.25
+    random: Callable[[], float] = field(default=random.random, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError("delays must be >= 0")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError("jitter must be between 0 and 1")
+
+    def backoff(self, attempt: int) -> float:
+        """The delay before the attempt after ``attempt``, jitter included."""
+        exponent = min(max(attempt - 1, 0), 62)
+        delay = min(self.max_delay, self.base_delay * (2.0**exponent))
+        return delay * (1.0 - self.jitter * self.random())
+
+    def decide(self, attempt: int, error: BaseException) -> float | None:
+        """Seconds until the next attempt, or ``None`` to give up (dead-letter the job)."""
+        if isinstance(error, PermanentFailure):
+            return None
+        if attempt >= self.max_attempts:
+            return None
+        if isinstance(error, RetryLater):
+            return error.delay
+        return self.backoff(attempt)

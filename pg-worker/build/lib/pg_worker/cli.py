@@ -1,0 +1,359 @@
+"""The ``pg-worker`` command. Every flag mirrors an environment variable, named in its help text."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import psycopg
+from pydantic import ValidationError
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from . import admin
+from ._database import redact_url, resolve_database_url
+from ._install import SetupError, install
+from ._names import InvalidQueueName, validate_queue_name
+from ._producer import AsyncProducer
+from ._schedule import InvalidSchedule
+from ._worker import Worker, WorkerCrashed
+from .health import HealthProbe
+from .logging_setup import configure_logging
+from .metrics import instrument
+from .observability import ObservabilityServer
+from .settings import WorkerSettings, load_app
+
+logger = logging.getLogger("pg_worker.cli")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed without a traceback, exit code 2."""
+
+
+def _flag(parser: argparse.ArgumentParser, *names: str, env: str, help: str, **kwargs: Any) -> None:
+    parser.add_argument(*names, default=None, help=f"{help} [env: {env}]", **kwargs)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "--data-dir", env="PG_WORKER_DATA_DIR", help="embedded PostgreSQL data directory, used when DATABASE_URL is unset")
+    _flag(parser, "--log-level", env="PG_WORKER_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR")
+    _flag(parser, "--log-format", env="PG_WORKER_LOG_FORMAT", choices=["auto", "json", "console"], help="log output; auto = console on a terminal, else JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pg-worker",
+        description="A PGMQ worker. The database comes from DATABASE_URL; without it an embedded PostgreSQL 18 is started.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a worker until SIGTERM/SIGINT")
+    run.add_argument("app", nargs="?", default=None, help="the App to serve, as 'module:attribute' [env: PG_WORKER_APP]")
+    _flag(run, "--concurrency", env="PG_WORKER_CONCURRENCY", type=int, help="jobs run at once (default 100)")
+    _flag(run, "--poll-interval", env="PG_WORKER_POLL_INTERVAL", help="fallback poll interval, e.g. 60s, 15m, or 'off' outside windows (default 60s)")
+    _flag(run, "--poll-windows", env="PG_WORKER_POLL_WINDOWS", help="poll windows, e.g. '08:00-18:00 every 15m; 22:00-06:00 every 1h'")
+    _flag(run, "--poll-timezone", env="PG_WORKER_POLL_TIMEZONE", help="time zone of the poll windows, e.g. America/Santiago (default UTC)")
+    _flag(run, "--listen", env="PG_WORKER_LISTEN", choices=["true", "false"], help="wake on LISTEN/NOTIFY; false = poll-only (default true)")
+    _flag(run, "--shutdown-grace", env="PG_WORKER_SHUTDOWN_GRACE", type=float, help="seconds in-flight jobs get to finish on SIGTERM (default 30)")
+    _flag(run, "--auto-install", env="PG_WORKER_AUTO_INSTALL", choices=["true", "false"], help="create missing queues/triggers at start-up (default true)")
+    _flag(run, "--worker-id", env="PG_WORKER_WORKER_ID", help="stable worker name (default host-pid-random)")
+    _flag(run, "--metrics", env="PG_WORKER_METRICS", choices=["true", "false"], help="serve /metrics, /healthz, /readyz (default true)")
+    _flag(run, "--metrics-host", env="PG_WORKER_METRICS_HOST", help="address of the metrics/health port (default 127.0.0.1; 0.0.0.0 in the image)")
+    _flag(run, "--metrics-port", env="PG_WORKER_METRICS_PORT", type=int, help="metrics/health port (default 9480)")
+    _common(run)
+
+    inst = commands.add_parser("install", help="install pgmq, pg-worker's schema, the queues and their wakeup triggers")
+    inst.add_argument("app", nargs="?", default=None, help="take the queues from this App ('module:attribute') [env: PG_WORKER_APP]")
+    inst.add_argument("--queue", action="append", default=[], help="a queue to create (repeatable)")
+    _common(inst)
+
+    send = commands.add_parser("send", help="send one job")
+    send.add_argument("queue", help="queue name")
+    send.add_argument("payload", help="the job as a JSON object, e.g. '{\"customer_id\": 42}'")
+    send.add_argument("--delay", type=float, default=None, help="seconds before the job becomes visible")
+    send.add_argument("--type", dest="job_type", default=None, help="set the message's 'type' field")
+    _common(send)
+
+    queues = commands.add_parser("queues", help="a table of queues: depth, visible, in flight, oldest age, DLQ depth")
+    queues.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _common(queues)
+
+    status = commands.add_parser("status", help="queue depths and rates (enqueued/s, done/s, dead-lettered/s)")
+    status.add_argument("--watch", action="store_true", help="keep refreshing until Ctrl-C")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between samples (default 2)")
+    status.add_argument("--iterations", type=int, default=0, help="with --watch: stop after this many refreshes (0 = never)")
+    _common(status)
+
+    dlq = commands.add_parser("dlq", help="inspect and act on dead-letter queues")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    dlq_ls = dlq_commands.add_parser("list", help="dead letters of a queue, oldest first")
+    dlq_ls.add_argument("queue", help="the queue (or its _dlq)")
+    dlq_ls.add_argument("--limit", type=int, default=50)
+    dlq_ls.add_argument("--json", action="store_true")
+    dlq_show = dlq_commands.add_parser("show", help="one dead letter in full (JSON)")
+    dlq_show.add_argument("queue")
+    dlq_show.add_argument("msg_id", type=int)
+    for action, text in (("replay", "send dead letters back to their queue, attempts reset"), ("purge", "delete dead letters for good")):
+        sub = dlq_commands.add_parser(action, help=text)
+        sub.add_argument("queue")
+        sub.add_argument("msg_ids", type=int, nargs="*", help="message ids in the DLQ")
+        sub.add_argument("--all", dest="every", action="store_true", help="every message in the DLQ")
+    for sub in dlq_commands.choices.values():
+        _common(sub)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> WorkerSettings:
+    overrides: dict[str, Any] = {}
+    for field in ("app", "concurrency", "poll_interval", "poll_windows", "poll_timezone", "shutdown_grace", "worker_id", "data_dir", "log_level", "log_format", "metrics_host", "metrics_port"):
+        value = getattr(args, field, None)
+        if value is not None:
+            overrides[field] = value
+    for field in ("listen", "auto_install", "metrics"):
+        value = getattr(args, field, None)
+        if value is not None:
+            overrides[field] = value == "true"
+    return WorkerSettings(**overrides)
+
+
+def _database(settings: WorkerSettings) -> tuple[str, Any]:
+    if settings.database_url:
+        return settings.database_url, None
+    return resolve_database_url(settings.data_dir)
+
+
+async def _serve(worker: Worker, settings: WorkerSettings) -> None:
+    loop = asyncio.get_running_loop()
+    server = None
+    if settings.metrics:
+        metrics = instrument(worker, stats_max_age=settings.queue_stats_interval)
+        try:
+            server = ObservabilityServer(HealthProbe(worker), metrics, loop, host=settings.metrics_host, port=settings.metrics_port).start()
+        except OSError as exc:
+            raise SetupError(f"cannot serve /metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}") from exc
+    seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal seen
+        seen += 1
+        name = signal.Signals(signum).name
+        if seen == 1:
+            logger.info("shutdown_requested", extra={"event": "shutdown_requested", "signal": name, "grace_s": worker.config.shutdown_grace})
+            worker.request_stop()
+        else:
+            logger.warning("shutdown_forced", extra={"event": "shutdown_forced", "signal": name, "in_flight": worker.in_flight})
+            logging.shutdown()
+            os._exit(EXIT_FAILURE)  # unfinished messages come back after their visibility timeout
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await worker.run()
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _cmd_run(args: argparse.Namespace, settings: WorkerSettings) -> int:
+    if not settings.app:
+        raise UsageError("no app given: pass 'module:attribute' or set PG_WORKER_APP")
+    config = settings.worker_config()
+    app = load_app(settings.app)
+    url, _server = _database(settings)
+    logger.info("database", extra={"event": "database", "url": redact_url(url), "embedded": _server is not None})
+    worker = Worker(app, url, config, listen_conninfo=settings.listen_url)
+    asyncio.run(_serve(worker, settings))
+    if worker.sync_jobs_running:
+        # Their messages were handed back already; Python would otherwise wait for these threads at exit.
+        logger.warning("sync_jobs_abandoned", extra={"event": "sync_jobs_abandoned", "threads": worker.sync_jobs_running})
+        if _server is not None:
+            _server.cleanup()
+        logging.shutdown()
+        os._exit(EXIT_OK)
+    return EXIT_OK
+
+
+def _cmd_install(args: argparse.Namespace, settings: WorkerSettings) -> int:
+    queues = [validate_queue_name(q) for q in args.queue]
+    if settings.app:
+        queues += [q for q in load_app(settings.app).queues if q not in queues]
+    url, _server = _database(settings)
+    report = asyncio.run(install(url, queues))
+    print(
+        f"pgmq {report.pgmq_version} ({report.pgmq_source}); "
+        f"queues created: {', '.join(report.created_queues) or 'none'}; "
+        f"wakeup triggers created: {', '.join(report.created_triggers) or 'none'}"
+    )
+    return EXIT_OK
+
+
+def _cmd_send(args: argparse.Namespace, settings: WorkerSettings) -> int:
+    validate_queue_name(args.queue)
+    try:
+        payload = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"payload is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise UsageError("payload must be a JSON object")
+    url, _server = _database(settings)
+
+    async def send() -> int:
+        async with AsyncProducer(url) as producer:
+            return await producer.enqueue(args.queue, payload, type=args.job_type, delay=args.delay)
+
+    msg_id = asyncio.run(send())
+    print(msg_id)
+    return EXIT_OK
+
+
+def _connect(settings: WorkerSettings) -> tuple[psycopg.Connection[Any], Any]:
+    url, server = _database(settings)
+    return psycopg.connect(url, autocommit=True, connect_timeout=10), server
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def _queue_table(stats: list[admin.QueueStats], rates: dict[str, tuple[float, float, float]] | None = None) -> Table:
+    table = Table(title="pgmq queues", header_style="bold")
+    for column in ("queue", "depth", "visible", "in flight", "delayed", "oldest", "dlq"):
+        table.add_column(column, justify="left" if column == "queue" else "right")
+    if rates is not None:
+        for column in ("in/s", "done/s", "dead/s"):
+            table.add_column(column, justify="right")
+    for s in stats:
+        depth = f"~{s.depth:,}" if s.estimated else f"{s.depth:,}"
+        cells = [s.queue, depth, f"{s.visible:,}", f"{s.in_flight:,}", f"{s.delayed:,}", _age(s.oldest_age), f"{s.dlq_depth:,}"]
+        if rates is not None:
+            cells += [f"{r:,.1f}" for r in rates.get(s.queue, (0.0, 0.0, 0.0))]
+        table.add_row(*cells, style="red" if s.dlq_depth else None)
+    return table
+
+
+def _cmd_queues(args: argparse.Namespace, settings: WorkerSettings) -> int:
+    conn, _server = _connect(settings)
+    with conn:
+        stats = admin.fetch_queue_stats(conn)
+    if args.json:
+        print(json.dumps([asdict(s) for s in stats]))
+    elif not stats:
+        print("no queues (run `pg-worker install`)")
+    else:
+        Console().print(_queue_table(stats))
+    return EXIT_OK
+
+
+def _rates(before: list[admin.QueueStats], after: list[admin.QueueStats], seconds: float) -> dict[str, tuple[float, float, float]]:
+    """Per queue: enqueued/s (the msg_id sequence), done/s (enqueued minus depth growth), dead-lettered/s."""
+    earlier = {s.queue: s for s in before}
+    rates = {}
+    for s in after:
+        prev = earlier.get(s.queue)
+        if prev is None or seconds <= 0:
+            continue
+        enqueued = (s.enqueued_total - prev.enqueued_total) / seconds
+        done = max(0.0, enqueued - (s.depth - prev.depth) / seconds)
+        rates[s.queue] = (enqueued, done, max(0.0, (s.dlq_depth - prev.dlq_depth) / seconds))
+    return rates
+
+
+def _cmd_status(args: argparse.Namespace, settings: WorkerSettings) -> int:
+    if args.interval <= 0:
+        raise UsageError("--interval must be > 0")
+    conn, _server = _connect(settings)
+    console = Console()
+    with conn:
+        before, at = admin.fetch_queue_stats(conn), time.monotonic()
+        if not args.watch:
+            time.sleep(args.interval)
+            after = admin.fetch_queue_stats(conn)
+            console.print(_queue_table(after, _rates(before, after, time.monotonic() - at)))
+            return EXIT_OK
+        refreshes = 0
+        with Live(_queue_table(before, {}), console=console, auto_refresh=False) as live:
+            try:
+                while not args.iterations or refreshes < args.iterations:
+                    time.sleep(args.interval)
+                    after, now = admin.fetch_queue_stats(conn), time.monotonic()
+                    live.update(_queue_table(after, _rates(before, after, now - at)), refresh=True)
+                    before, at = after, now
+                    refreshes += 1
+            except KeyboardInterrupt:
+                pass
+    return EXIT_OK
+
+
+def _cmd_dlq(args: argparse.Namespace, settings: WorkerSettings) -> int:
+    conn, _server = _connect(settings)
+    with conn:
+        if args.dlq_command == "list":
+            letters = admin.dlq_list(conn, args.queue, limit=args.limit)
+            if args.json:
+                print(json.dumps([{"msg_id": d.msg_id, "dead_since": d.dead_since.isoformat(), **d.body} for d in letters], default=str))
+                return EXIT_OK
+            table = Table(title=f"dead letters of {args.queue}", header_style="bold")
+            for column in ("msg_id", "dead since", "attempts", "reason", "error", "message"):
+                table.add_column(column)
+            for d in letters:
+                error = d.error
+                table.add_row(
+                    str(d.msg_id),
+                    d.dead_since.strftime("%Y-%m-%d %H:%M:%S"),
+                    str(d.body.get("attempts", "")),
+                    str(error.get("reason", "")),
+                    f"{str(error.get('type', '')).rsplit('.', 1)[-1]}: {error.get('message', '')}"[:80],
+                    json.dumps(d.body.get("message"))[:60],
+                )
+            Console().print(table if letters else f"{args.queue}: no dead letters")
+        elif args.dlq_command == "show":
+            letter = admin.dlq_show(conn, args.queue, args.msg_id)
+            print(json.dumps({"msg_id": letter.msg_id, "dead_since": letter.dead_since.isoformat(), **letter.body}, indent=2, default=str))
+        elif args.dlq_command == "replay":
+            moved = admin.dlq_replay(conn, args.queue, args.msg_ids, every=args.every)
+            print(f"replayed {len(moved)} message(s) to {args.queue.removesuffix('_dlq')}" + "".join(f"\n  {old} -> {new}" for old, new in moved))
+        else:
+            purged = admin.dlq_purge(conn, args.queue, args.msg_ids, every=args.every)
+            print(f"purged {len(purged)} message(s) from {args.queue.removesuffix('_dlq')}_dlq")
+    return EXIT_OK
+
+
+COMMANDS = {"run": _cmd_run, "install": _cmd_install, "send": _cmd_send, "queues": _cmd_queues, "status": _cmd_status, "dlq": _cmd_dlq}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        configure_logging(settings.log_level, settings.log_format)
+        return COMMANDS[args.command](args, settings)
+    except (UsageError, InvalidQueueName, InvalidSchedule, ValidationError, ValueError, TypeError) as exc:
+        print(f"pg-worker: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (SetupError, WorkerCrashed, admin.AdminError) as exc:
+        print(f"pg-worker: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except psycopg.Error as exc:
+        print(f"pg-worker: database error: {exc}".strip(), file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def entrypoint() -> None:
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Liveness and readiness of a worker, as the health endpoints report them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._worker import Worker
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Report:
+    ok: bool
+    checks: list[Check]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": "ok" if self.ok else "fail", "checks": [asdict(c) for c in self.checks]}
+
+
+class HealthProbe:
+    """``liveness()``: the event loop is turning and no background task died (cheap, no I/O).
+    ``readiness()``: started and not stopping, the database reachable, LISTEN up (or only briefly down), and
+    every readiness check the app registered passes. The database is probed actively (one ``SELECT 1``) only
+    when neither the LISTEN connection nor a recent query already shows that it answers, so an idle worker
+    under frequent probes stays off the database."""
+
+    def __init__(self, worker: Worker, *, liveness_timeout: float = 30.0, listen_grace: float = 30.0, db_fresh: float = 30.0, check_timeout: float = 5.0) -> None:
+        self.worker = worker
+        self.liveness_timeout = liveness_timeout
+        self.listen_grace = listen_grace
+        self.db_fresh = db_fresh
+        self.check_timeout = check_timeout
+
+    def liveness(self) -> Report:
+        health = self.worker.health
+        stalled = time.monotonic() - health.last_tick
+        checks = [
+            Check("event_loop", stalled < self.liveness_timeout, f"last tick {stalled:.1f}s ago"),
+            Check("tasks", health.crashed is None, health.crashed or "all running"),
+        ]
+        return Report(all(c.ok for c in checks), checks)
+
+    async def readiness(self) -> Report:
+        health = self.worker.health
+        checks = [
+            Check("worker", health.started and not health.stopping, "stopping" if health.stopping else ("running" if health.started else "starting")),
+            await self._database(),
+            self._listen(),
+        ]
+        for name, check in self.worker.app.readiness_checks:
+            checks.append(await self._custom(name, check))
+        return Report(all(c.ok for c in checks), checks)
+
+    async def _database(self) -> Check:
+        health = self.worker.health
+        if health.listening:
+            return Check("database", True, "LISTEN connection up")
+        now = time.monotonic()
+        if health.last_db_ok is not None and now - health.last_db_ok < self.db_fresh and (health.last_db_error_at is None or health.last_db_error_at < health.last_db_ok):
+            return Check("database", True, f"last query {now - health.last_db_ok:.1f}s ago")
+        try:
+            await asyncio.wait_for(self.worker.ping_database(), timeout=self.check_timeout)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"; its text is the detail
+            return Check("database", False, f"{type(exc).__name__}: {exc}".strip()[:300])
+        return Check("database", True, "answered SELECT 1")
+
+    def _listen(self) -> Check:
+        health = self.worker.health
+        if health.listening is None:
+            return Check("listen", True, "poll-only mode")
+        if health.listening:
+            return Check("listen", True, "connected")
+        down = time.monotonic() - (health.listen_down_since or time.monotonic())
+        return Check("listen", down < self.listen_grace, f"down for {down:.1f}s, polling meanwhile")
+
+    async def _custom(self, name: str, check: Any) -> Check:
+        try:
+            result = check()
+            if asyncio.iscoroutine(result):
+                result = await asyncio.wait_for(result, timeout=self.check_timeout)
+        except Exception as exc:  # noqa: BLE001 - a failing hook is a failed check, never a crashed probe
+            return Check(name, False, f"{type(exc).__name__}: {exc}".strip()[:300])
+        return Check(name, bool(result), "ok" if result else "failed")

@@ -1,0 +1,166 @@
+"""Prometheus metrics: an observer of the worker's lifecycle events plus cached per-queue statistics.
+
+This module imports the core; the core never imports it. Everything is registered on a registry of its own
+(default: a fresh one per :class:`WorkerMetrics`), so several workers in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ._events import Outcome, WakeupSource, WorkerObserver
+from .admin import QueueStats, fetch_queue_stats
+
+if TYPE_CHECKING:
+    from ._app import Job
+    from ._worker import Worker
+
+logger = logging.getLogger(__name__)
+
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class WorkerMetrics(WorkerObserver):
+    """Counts what a worker does. Pass it to ``Worker(observers=[...])``.
+
+    ``pg_worker_jobs_total{outcome}``: ``succeeded``; ``retried`` (failed, will run again); ``dead_lettered``
+    (failed for good, or rejected as malformed); ``interrupted`` (handed back at shutdown); ``failed`` (failed,
+    and recording the retry or dead-letter move failed too: the message returns after its visibility timeout).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.jobs = Counter("pg_worker_jobs", "Jobs that left a handler (or were rejected), by outcome.", ["queue", "outcome"], registry=r)
+        self.failures = Counter("pg_worker_job_failures", "Handler failures by exception type.", ["queue", "error_type"], registry=r)
+        self.rejected = Counter("pg_worker_messages_rejected", "Messages dead-lettered without reaching a handler.", ["queue", "reason"], registry=r)
+        self.duration = Histogram("pg_worker_job_duration_seconds", "Handler run time.", ["queue"], buckets=DURATION_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "pg_worker_job_latency_seconds", "From enqueue to handler start (includes delays and retries).", ["queue"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.in_flight = Gauge("pg_worker_jobs_in_flight", "Jobs running now.", ["queue"], registry=r)
+        self.wakeups = Counter("pg_worker_wakeups", "Fetch loop wakeups by source.", ["queue", "source"], registry=r)
+        self.notifications = Counter("pg_worker_notifications", "NOTIFY messages received.", ["queue"], registry=r)
+        self.listen_connected = Gauge("pg_worker_listen_connected", "1 while the LISTEN connection is up.", registry=r)
+        self.listen_reconnects = Counter("pg_worker_listen_disconnects", "Times the LISTEN connection was lost.", registry=r)
+        self.db_errors = Counter("pg_worker_db_errors", "Failed database operations, by operation.", ["operation"], registry=r)
+        self.last_notification = Gauge(
+            "pg_worker_last_notification_age_seconds", "Seconds since the last NOTIFY arrived (-1: none yet).", registry=r
+        )
+        self._last_notification_at: float | None = None
+        self.last_notification.set_function(self._notification_age)
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _notification_age(self) -> float:
+        at = self._last_notification_at
+        return -1.0 if at is None else time.monotonic() - at
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # labels() looks the child up under a lock each time; jobs are hot, so keep the children.
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def job_started(self, job: Job[object], latency: float) -> None:
+        self._child(self.latency, job.queue).observe(latency)
+        self._child(self.in_flight, job.queue).inc()
+
+    def job_finished(self, job: Job[object], outcome: Outcome, duration: float, error: BaseException | None) -> None:
+        self._child(self.in_flight, job.queue).dec()
+        self._child(self.duration, job.queue).observe(duration)
+        self._child(self.jobs, job.queue, outcome.value).inc()
+        if error is not None and outcome is not Outcome.INTERRUPTED:
+            self._child(self.failures, job.queue, type(error).__name__).inc()
+
+    def message_rejected(self, queue: str, msg_id: int, reason: str) -> None:
+        self._child(self.rejected, queue, reason).inc()
+        self._child(self.jobs, queue, Outcome.DEAD_LETTERED.value).inc()
+
+    def wakeup(self, queue: str, source: WakeupSource) -> None:
+        self._child(self.wakeups, queue, source.value).inc()
+
+    def listen_state(self, connected: bool) -> None:
+        self.listen_connected.set(1 if connected else 0)
+        if not connected:
+            self.listen_reconnects.inc()
+
+    def notification(self, queue: str) -> None:
+        self._last_notification_at = time.monotonic()
+        self._child(self.notifications, queue).inc()
+
+    def db_error(self, operation: str, error: BaseException) -> None:
+        self._child(self.db_errors, operation).inc()
+
+
+class QueueStatsCollector(Collector):
+    """Per-queue gauges, refreshed at most every ``max_age`` seconds and only when scraped.
+
+    An unscraped worker costs the database nothing; a scraped one one statement per ``max_age``.
+    """
+
+    def __init__(self, conninfo: str, queues: Iterable[str], *, max_age: float = 60.0, on_error: Callable[[BaseException], None] | None = None) -> None:
+        self._conninfo = conninfo
+        self._queues = list(queues)
+        self._max_age = max_age
+        self._on_error = on_error
+        self._lock = threading.Lock()
+        self._cached: list[QueueStats] = []
+        self._fetched_at: float | None = None
+
+    def _refresh(self) -> list[QueueStats]:
+        with self._lock:
+            now = time.monotonic()
+            if self._fetched_at is None or now - self._fetched_at >= self._max_age:
+                try:
+                    with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5) as conn:
+                        self._cached = fetch_queue_stats(conn, self._queues)
+                    self._fetched_at = now
+                except psycopg.Error as exc:
+                    logger.warning("queue_stats_failed", extra={"event": "queue_stats_failed", "error": str(exc).strip()})
+                    if self._on_error is not None:
+                        self._on_error(exc)
+                    self._fetched_at = now  # keep serving the last figures; try again after max_age
+            return self._cached
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._refresh()
+        families = {
+            "depth": GaugeMetricFamily("pg_worker_queue_depth", "Messages in the queue (estimated past the exact-count limit).", labels=["queue"]),
+            "visible": GaugeMetricFamily("pg_worker_queue_visible_depth", "Messages ready to be read now.", labels=["queue"]),
+            "in_flight": GaugeMetricFamily("pg_worker_queue_in_flight", "Messages leased by some worker (read, not yet finished).", labels=["queue"]),
+            "delayed": GaugeMetricFamily("pg_worker_queue_delayed", "Messages sent with a delay, not yet visible.", labels=["queue"]),
+            "oldest": GaugeMetricFamily("pg_worker_queue_oldest_message_age_seconds", "Age of the oldest message (0 when empty).", labels=["queue"]),
+            "dlq": GaugeMetricFamily("pg_worker_dlq_depth", "Messages in the queue's dead-letter queue.", labels=["queue"]),
+            "estimated": GaugeMetricFamily("pg_worker_queue_depth_estimated", "1 when the depth figures are estimates.", labels=["queue"]),
+        }
+        for s in stats:
+            families["depth"].add_metric([s.queue], s.depth)
+            families["visible"].add_metric([s.queue], s.visible)
+            families["in_flight"].add_metric([s.queue], s.in_flight)
+            families["delayed"].add_metric([s.queue], s.delayed)
+            families["oldest"].add_metric([s.queue], s.oldest_age or 0.0)
+            families["dlq"].add_metric([s.queue], s.dlq_depth)
+            families["estimated"].add_metric([s.queue], 1 if s.estimated else 0)
+        yield from families.values()
+
+
+def instrument(worker: Worker, *, registry: CollectorRegistry | None = None, stats_max_age: float = 60.0) -> WorkerMetrics:
+    """Attach metrics to a worker (before it runs): its events plus the cached queue statistics."""
+    metrics = WorkerMetrics(registry)
+    worker.observers.add(metrics)
+    metrics.registry.register(
+        QueueStatsCollector(worker.conninfo, worker.app.queues, max_age=stats_max_age, on_error=lambda exc: metrics.db_error("queue_stats", exc))
+    )
+    return metrics

@@ -1,0 +1,186 @@
+"""issue 11 item 4: the real wl-workers process reaches a (simulated) router only through the WireGuard tunnel.
+
+The worker runs in the vpn namespace, as ``network_mode: service:vpn-netns`` puts it; the RouterOS simulator
+listens on a device address in the site namespace; PostgreSQL is the session's embedded server, reached by its
+Unix socket from every namespace (in compose: over the compose network, never through the tunnel).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+
+from pg_worker import dlq_name
+from tests.e2e.conftest import BIN
+from tests.e2e.tunnel import DEVICE_IP, Tunnel, wait_until
+
+pytestmark = pytest.mark.slow
+
+SIM_PORT = 8080
+SIM_URL = f"http://{DEVICE_IP}:{SIM_PORT}"
+SIM_PASSWORD = "e2e-only-password"  # the simulator's, generated for nothing real
+SERVICE, CUSTOMER_IP = "cust-1", "10.20.0.11"  # the address only goes into the router's address-list
+QUEUE = "device_actions"
+FAST = {
+    "WL_SIM_PASSWORD": SIM_PASSWORD,
+    "WL_HTTP_CONNECT_TIMEOUT": "1.0",
+    "WL_HTTP_READ_TIMEOUT": "2.0",
+    "WL_ACTION_BASE_DELAY": "0.2",
+    "WL_ACTION_MAX_DELAY": "1.0",
+    "WL_ACTION_MAX_ATTEMPTS": "100",
+    "PG_WORKER_POLL_INTERVAL": "1s",
+    "PG_WORKER_LOG_FORMAT": "json",
+}
+
+
+@dataclass
+class Site:
+    tunnel: Tunnel
+    db_url: str
+
+    def cli(self, *args: str) -> str:
+        env = {**FAST, "DATABASE_URL": self.db_url}
+        result = subprocess.run(
+            [str(BIN / "wl-workers"), *args], capture_output=True, text=True, timeout=60,
+            env={**os.environ, **env},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def start_worker(self, ns: str) -> subprocess.Popen[str]:
+        log = self.tunnel.workdir / f"worker-{ns}.log"
+        return self.tunnel.popen(ns, str(BIN / "wl-workers"), "run", env={**FAST, "DATABASE_URL": self.db_url}, log=log)
+
+    def worker_log(self, ns: str) -> str:
+        return (self.tunnel.workdir / f"worker-{ns}.log").read_text()[-4000:]
+
+    def service(self) -> dict[str, Any]:
+        with psycopg.connect(self.db_url) as conn:
+            row = conn.execute(
+                "SELECT applied_state, last_error FROM wl.customer_services WHERE service_id = %s", (SERVICE,)
+            ).fetchone()
+        assert row is not None
+        return {"applied_state": row[0], "last_error": row[1] or ""}
+
+    def queue(self) -> dict[str, int]:
+        """Messages in the queue, their highest delivery count, and the dead-letter queue's size."""
+        with psycopg.connect(self.db_url) as conn:
+            count, reads = conn.execute(
+                f"SELECT count(*), coalesce(max(read_ct), 0) FROM pgmq.q_{QUEUE}"
+            ).fetchone() or (0, 0)
+            dead = conn.execute(f"SELECT count(*) FROM pgmq.q_{dlq_name(QUEUE)}").fetchone()
+        return {"messages": int(count), "max_read_ct": int(reads), "dead": int(dead[0]) if dead else 0}
+
+    def router_list(self) -> list[str]:
+        """The router's address-list, asked from inside the site (the simulator's control endpoint)."""
+        state = self.tunnel.probe(self.tunnel.site_ns, f"{SIM_URL}/__sim__/control", post='{"action": "state"}')
+        assert state["ok"], state
+        items = json.loads(state["body"])["menus"]["ip/firewall/address-list"]
+        return [i["address"] for i in items if i["list"] == "morosos" and i.get("disabled") != "true"]
+
+    def wait_applied(self, state: str, *, timeout: float = 30) -> None:
+        wait_until(lambda: self.service()["applied_state"] == state, what=f"service {state}", timeout=timeout)
+
+    def wait_retried_with(self, error: str, *, timeout: float = 30) -> None:
+        """The job failed with ``error`` (a transient, classified failure) and was delivered again."""
+        try:
+            wait_until(
+                lambda: error in self.service()["last_error"] and self.queue()["max_read_ct"] >= 2,
+                what=f"a retried job whose error says {error!r}", timeout=timeout,
+            )  # fmt: skip
+        except TimeoutError as exc:
+            logs = "\n".join(p.read_text()[-3000:] for p in self.tunnel.workdir.glob("worker-*.log"))
+            raise AssertionError(f"{exc}: {self.service()} {self.queue()}\n{logs}") from None
+        assert self.service()["last_error"].startswith("transient:"), self.service()
+
+
+@pytest.fixture
+def site(tunnel: Tunnel, e2e_db: str) -> Site:
+    s = Site(tunnel, e2e_db)
+    log = tunnel.workdir / "simulator.log"
+    tunnel.popen(
+        tunnel.site_ns, str(BIN / "wl-workers"), "simulate-router", "--host", DEVICE_IP, "--port", str(SIM_PORT),
+        env={"WL_SIM_PASSWORD": SIM_PASSWORD}, log=log,
+    )  # fmt: skip
+    wait_until(
+        lambda: tunnel.probe(tunnel.site_ns, f"{SIM_URL}/__sim__/control", post='{"action": "state"}')["ok"],
+        what="the simulator", interval=0.2,
+    )  # fmt: skip
+    s.cli("device", "add", "r1", "--host", DEVICE_IP, "--port", str(SIM_PORT), "--scheme", "http",
+          "--username", "admin", "--password-ref", "env:WL_SIM_PASSWORD")  # fmt: skip
+    s.cli("service", "add", SERVICE, "--device", "r1", "--method", "address-list", "--target", CUSTOMER_IP)
+    tunnel.start_wireguard()
+    wait_until(tunnel.healthy, what="a handshake")
+    return s
+
+
+def _stop(worker: subprocess.Popen[str]) -> int:
+    worker.send_signal(signal.SIGTERM)
+    return worker.wait(timeout=30)
+
+
+def test_worker_in_the_vpn_namespace_switches_the_service(site: Site) -> None:
+    worker = site.start_worker(site.tunnel.vpn_ns)
+    site.cli("deactivate", SERVICE, "--reason", "e2e")
+    site.wait_applied("suspended")
+    assert site.router_list() == [CUSTOMER_IP]
+    site.cli("activate", SERVICE, "--reason", "e2e")
+    site.wait_applied("active")
+    assert site.router_list() == []
+    assert site.queue() == {"messages": 0, "max_read_ct": 0, "dead": 0}
+    assert _stop(worker) == 0
+
+
+def test_worker_outside_the_vpn_namespace_cannot_reach_the_device(site: Site) -> None:
+    outside = site.start_worker(site.tunnel.out_ns)
+    site.cli("deactivate", SERVICE, "--reason", "e2e")
+    # httpx reports "All connection attempts failed" (the errno, ENETUNREACH here, is not in the message)
+    site.wait_retried_with("connection failed")
+    assert "action_failed" in site.worker_log(site.tunnel.out_ns)
+    assert site.router_list() == []
+    assert site.queue()["messages"] == 1 and site.queue()["dead"] == 0  # kept, not lost
+    assert _stop(outside) == 0
+    # The same job, picked up by a worker inside the VPN namespace, goes through.
+    site.start_worker(site.tunnel.vpn_ns)
+    site.wait_applied("suspended")
+    assert site.router_list() == [CUSTOMER_IP]
+    assert site.queue() == {"messages": 0, "max_read_ct": 0, "dead": 0}
+
+
+def test_jobs_wait_while_the_tunnel_is_down_then_succeed(site: Site) -> None:
+    worker = site.start_worker(site.tunnel.vpn_ns)
+    site.tunnel.set_site_link(up=False)
+    site.cli("deactivate", SERVICE, "--reason", "e2e")
+    site.wait_retried_with("timeout")
+    assert site.queue()["dead"] == 0 and site.router_list() == []
+    site.tunnel.set_site_link(up=True)
+    site.wait_applied("suspended")
+    assert site.router_list() == [CUSTOMER_IP]
+    assert site.queue() == {"messages": 0, "max_read_ct": 0, "dead": 0}
+    assert worker.poll() is None
+
+
+def test_a_wireguard_restart_is_survived(site: Site) -> None:
+    worker = site.start_worker(site.tunnel.vpn_ns)
+    site.cli("deactivate", SERVICE, "--reason", "e2e")
+    site.wait_applied("suspended")
+
+    site.tunnel.kill_vpn_wireguard_go()
+    assert site.tunnel.entrypoint is not None and site.tunnel.entrypoint.wait(timeout=20) == 1
+    site.cli("activate", SERVICE, "--reason", "e2e")
+    # wg0 is gone; the fallback route fails the call at once, and the job is retried.
+    site.wait_retried_with("connection failed")
+    assert site.router_list() == [CUSTOMER_IP]
+
+    site.tunnel.start_wireguard()  # the restart policy, in the namespace the worker still holds
+    site.wait_applied("active")
+    assert site.router_list() == []
+    assert worker.poll() is None, "the worker survived the wireguard restart"
+    assert site.queue() == {"messages": 0, "max_read_ct": 0, "dead": 0}
