@@ -38,6 +38,7 @@ from ._store import (
 )
 from .actions import ACTIVATE, DEACTIVATE, action_message
 from .drivers import DeviceError, Timeouts, make_driver
+from .netcheck import DeviceNetworkLost
 from .reconcile import reconcile
 from .runner import serve, worker_settings
 from .settings import DEVICE_ACTIONS, QUEUES, WlSettings
@@ -254,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NotFound, ValueError, ValidationError, psycopg.errors.IntegrityError) as exc:
         print(f"wl-workers: error: {str(exc).strip()}", file=sys.stderr)
         return EXIT_USAGE
-    except (MigrationError, SetupError, WorkerCrashed) as exc:
+    except (MigrationError, SetupError, WorkerCrashed, DeviceNetworkLost) as exc:
         print(f"wl-workers: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except psycopg.Error as exc:

@@ -29,4 +29,11 @@ PAYMENT_SYNCS = Counter(
     registry=REGISTRY,
 )
 
-COLLECTORS = (ACTIONS, FAILURES, LATENCY, RECONCILE, PAYMENT_SYNCS)
+NETCHECKS = Counter(
+    "wl_device_network_checks",
+    "Periodic device-network self-checks by result: ok, interface (missing or down), targets (no device address answered).",
+    ["result"],
+    registry=REGISTRY,
+)
+
+COLLECTORS = (ACTIONS, FAILURES, LATENCY, RECONCILE, PAYMENT_SYNCS, NETCHECKS)

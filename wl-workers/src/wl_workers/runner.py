@@ -1,5 +1,6 @@
 """``wl-workers run``: a pg-worker Worker serving wl-workers' App, with pg-worker's /metrics, /healthz and
-/readyz (our per-device metrics included), signal handling, and the optional periodic reconcile."""
+/readyz (our per-device metrics included), signal handling, the optional periodic reconcile, and the optional
+device-network self-check (netcheck.py): in /readyz, and a graceful stop then a non-zero exit when it stays failed."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 import os
 import signal
 
-from pg_worker import SetupError, Worker
+from pg_worker import SetupError, Worker, WorkerCrashed
 from pg_worker.health import HealthProbe
 from pg_worker.metrics import instrument
 from pg_worker.observability import ObservabilityServer
@@ -18,6 +19,7 @@ from pg_worker.settings import WorkerSettings
 from ._migrate import pending_migrations
 from .app import build_app
 from .metrics import COLLECTORS
+from .netcheck import NetworkMonitor
 from .reconcile import reconcile_once_exclusive
 from .settings import WlSettings
 
@@ -57,7 +59,12 @@ async def serve(conninfo: str, settings: WlSettings, wsettings: WorkerSettings) 
     if pending:
         # handlers would fail on every job (and dead-letter them): refuse to start instead
         raise SetupError(f"schema wl lacks migrations {', '.join(pending)}: run `wl-workers migrate` first")
-    worker = Worker(build_app(conninfo, settings), conninfo, wsettings.worker_config(), listen_conninfo=wsettings.listen_url)
+    app = build_app(conninfo, settings)
+    netcheck = settings.netcheck()
+    monitor = NetworkMonitor(netcheck) if netcheck is not None else None
+    if monitor is not None:
+        app.readiness_check("device_network")(monitor.readiness)
+    worker = Worker(app, conninfo, wsettings.worker_config(), listen_conninfo=wsettings.listen_url)
     loop = asyncio.get_running_loop()
     server = None
     if wsettings.metrics:
@@ -85,6 +92,7 @@ async def serve(conninfo: str, settings: WlSettings, wsettings: WorkerSettings) 
         loop.add_signal_handler(sig, on_signal, sig)
     stop = asyncio.Event()
     reconciler = asyncio.create_task(_periodic_reconcile(conninfo, settings, stop)) if settings.reconcile_interval > 0 else None
+    watcher = asyncio.create_task(_watch_device_network(monitor, worker, stop)) if monitor is not None else None
     try:
         await worker.run()
     finally:
@@ -93,4 +101,23 @@ async def serve(conninfo: str, settings: WlSettings, wsettings: WorkerSettings) 
             await reconciler
         if server is not None:
             server.stop()
+    if watcher is not None:
+        # the worker has stopped gracefully (jobs finished or handed back); now exit non-zero if the network was lost
+        outcome = await watcher
+        if outcome is not None:
+            raise outcome
     return worker
+
+
+async def _watch_device_network(monitor: NetworkMonitor, worker: Worker, stop: asyncio.Event) -> Exception | None:
+    """Stops the worker when the device network is lost, or when the check itself breaks (a worker must not go
+    on without the check it was configured with); returns what ``serve`` raises afterwards."""
+    try:
+        lost = await monitor.run(stop)
+    except Exception as exc:
+        logger.exception("device_network_check_crashed", extra={"event": "device_network_check_crashed", "error": str(exc)})
+        worker.request_stop()
+        return WorkerCrashed(f"the device-network check crashed: {type(exc).__name__}: {exc}")
+    if lost is not None:
+        worker.request_stop()
+    return lost

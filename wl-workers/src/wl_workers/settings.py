@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .netcheck import NetcheckConfig, parse_targets, validate_interface_name
+
 DEVICE_ACTIONS = "device_actions"
 PAYMENT_SYNC = "payment_sync"
 QUEUES = (DEVICE_ACTIONS, PAYMENT_SYNC)
@@ -42,6 +44,35 @@ class WlSettings(BaseSettings):
     mercadopago_access_token: SecretStr | None = Field(default=None, validation_alias="MERCADOPAGO_ACCESS_TOKEN")
     payment_max_attempts: int = Field(default=10, ge=1)
     payment_base_delay: float = Field(default=5.0, ge=0)
+
+    # device-network self-check inside `wl-workers run` (off unless an interface or targets are set)
+    netcheck_interface: str | None = None
+    netcheck_targets: str = ""  # host:port[,host:port...]
+    netcheck_interval: float = Field(default=10.0, gt=0)
+    netcheck_exit_after: float = Field(default=60.0, ge=0)  # 0 = never exit, readiness only
+    netcheck_timeout: float = Field(default=3.0, gt=0)
+
+    @field_validator("netcheck_interface")
+    @classmethod
+    def _interface_name(cls, value: str | None) -> str | None:
+        value = value.strip() if value is not None else None
+        return validate_interface_name(value) if value else None
+
+    @field_validator("netcheck_targets")
+    @classmethod
+    def _targets(cls, value: str) -> str:
+        parse_targets(value)
+        return value
+
+    def netcheck(self) -> NetcheckConfig | None:
+        """The device-network check's configuration, or None when neither an interface nor targets are set."""
+        targets = parse_targets(self.netcheck_targets)
+        if self.netcheck_interface is None and not targets:
+            return None
+        return NetcheckConfig(
+            interface=self.netcheck_interface, targets=targets, interval=self.netcheck_interval,
+            exit_after=self.netcheck_exit_after, connect_timeout=self.netcheck_timeout,
+        )  # fmt: skip
 
     @field_validator("database_url")
     @classmethod
