@@ -16,6 +16,8 @@ def main() -> None:
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             result: dict[str, object] = {"ok": True, "status": response.status, "body": response.read().decode()}
+    except urllib.error.HTTPError as exc:  # an answer all the same (e.g. /readyz 503): its status and body
+        result = {"ok": False, "status": exc.code, "body": exc.read().decode()}
     except urllib.error.URLError as exc:
         reason = exc.reason
         errno = getattr(reason, "errno", None)

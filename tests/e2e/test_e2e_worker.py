@@ -28,6 +28,7 @@ SIM_URL = f"http://{DEVICE_IP}:{SIM_PORT}"
 SIM_PASSWORD = "e2e-only-password"  # the simulator's, generated for nothing real
 SERVICE, CUSTOMER_IP = "cust-1", "10.20.0.11"  # the address only goes into the router's address-list
 QUEUE = "device_actions"
+METRICS_PORT = 9480  # pg-worker's default, on 127.0.0.1 of the worker's namespace
 FAST = {
     "WL_SIM_PASSWORD": SIM_PASSWORD,
     "WL_HTTP_CONNECT_TIMEOUT": "1.0",
@@ -54,9 +55,18 @@ class Site:
         assert result.returncode == 0, result.stderr
         return result.stdout
 
-    def start_worker(self, ns: str) -> subprocess.Popen[str]:
+    def start_worker(self, ns: str, **extra: str) -> subprocess.Popen[str]:
         log = self.tunnel.workdir / f"worker-{ns}.log"
-        return self.tunnel.popen(ns, str(BIN / "wl-workers"), "run", env={**FAST, "DATABASE_URL": self.db_url}, log=log)
+        env = {**FAST, "DATABASE_URL": self.db_url, **extra}
+        return self.tunnel.popen(ns, str(BIN / "wl-workers"), "run", env=env, log=log)
+
+    def readyz(self) -> tuple[int, dict[str, Any]]:
+        """The status of the worker's /readyz in the vpn namespace (0: no answer) and its device_network check."""
+        answer = self.tunnel.probe(self.tunnel.vpn_ns, f"http://127.0.0.1:{METRICS_PORT}/readyz")
+        if "status" not in answer:
+            return 0, {}
+        checks = {c["name"]: c for c in json.loads(answer["body"])["checks"]}
+        return int(answer["status"]), checks.get("device_network", {})
 
     def worker_log(self, ns: str) -> str:
         return (self.tunnel.workdir / f"worker-{ns}.log").read_text()[-4000:]
@@ -184,3 +194,59 @@ def test_a_wireguard_restart_is_survived(site: Site) -> None:
     assert site.router_list() == []
     assert worker.poll() is None, "the worker survived the wireguard restart"
     assert site.queue() == {"messages": 0, "max_read_ct": 0, "dead": 0}
+
+
+# -- the device-network self-check (WL_NETCHECK_*): /readyz says so, and the worker exits if the tunnel stays gone
+
+
+def _wait_not_ready(site: Site, *, what: str) -> dict[str, Any]:
+    seen: list[dict[str, Any]] = []
+
+    def not_ready() -> bool:
+        status, check = site.readyz()
+        if status == 503 and check.get("ok") is False:
+            seen.append(check)
+        return bool(seen)
+
+    wait_until(not_ready, what=what, interval=0.05)
+    return seen[0]
+
+
+def test_the_worker_exits_when_the_tunnel_stays_gone(site: Site) -> None:
+    vpn_if = site.tunnel.vpn_if
+    worker = site.start_worker(
+        site.tunnel.vpn_ns, WL_NETCHECK_INTERFACE=vpn_if, WL_NETCHECK_INTERVAL="0.2", WL_NETCHECK_EXIT_AFTER="3"
+    )
+    wait_until(lambda: site.readyz() == (200, {"name": "device_network", "ok": True, "detail": "ok"}), what="ready")
+
+    site.tunnel.kill_vpn_wireguard_go()  # and no restart: the tunnel stays gone
+    check = _wait_not_ready(site, what="/readyz 503 naming the device network")
+    assert check["detail"].startswith(f"DeviceNetworkDown: interface {vpn_if} does not exist"), check
+
+    code = worker.wait(timeout=30)
+    log = site.worker_log(site.tunnel.vpn_ns)
+    assert code == 1, log
+    lost = [json.loads(line) for line in log.splitlines() if '"device_network_lost"' in line]
+    assert len(lost) == 1 and lost[0]["interface"] == vpn_if and lost[0]["down_for"] >= 3, log
+    assert f"interface {vpn_if} does not exist" in lost[0]["reason"]
+
+
+def test_the_worker_stays_up_when_the_tunnel_returns_in_time(site: Site) -> None:
+    vpn_if = site.tunnel.vpn_if
+    worker = site.start_worker(
+        site.tunnel.vpn_ns, WL_NETCHECK_INTERFACE=vpn_if, WL_NETCHECK_TARGETS=f"{DEVICE_IP}:{SIM_PORT}",
+        WL_NETCHECK_INTERVAL="0.2", WL_NETCHECK_EXIT_AFTER="60", WL_NETCHECK_TIMEOUT="1",
+    )  # fmt: skip
+    wait_until(lambda: site.readyz()[0] == 200, what="ready: wg0 up and the router answering through it")
+
+    site.tunnel.kill_vpn_wireguard_go()
+    assert site.tunnel.entrypoint is not None and site.tunnel.entrypoint.wait(timeout=20) == 1
+    check = _wait_not_ready(site, what="/readyz 503 naming the device network")
+    assert f"interface {vpn_if} does not exist" in check["detail"], check
+
+    site.tunnel.start_wireguard()  # the restart policy brings the tunnel back well within EXIT_AFTER
+    wait_until(lambda: site.readyz() == (200, {"name": "device_network", "ok": True, "detail": "ok"}), what="ready again")
+    wait_until(lambda: '"device_network_restored"' in site.worker_log(site.tunnel.vpn_ns), what="the recovery logged")
+    assert worker.poll() is None, "the worker stayed up"
+    assert '"device_network_lost"' not in site.worker_log(site.tunnel.vpn_ns)
+    assert _stop(worker) == 0
