@@ -147,3 +147,25 @@ def test_secrets_come_from_uncommitted_files() -> None:
             assert "change-me" not in str(value), f"{name}: a secret in docker-compose.yml"
         for env_file in service.get("env_file", []):
             assert (ROOT / f"{env_file}.example").is_file(), f"{name}: {env_file}.example is missing"
+
+
+def test_the_workers_self_check_watches_the_tunnel_interface(services: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interface the self-check watches is the one the wireguard service creates (named after its config),
+    and the settings the compose file and the env example give wl-workers are valid."""
+    from wl_workers.settings import WlSettings
+
+    workers = services["wl-workers"]
+    assert workers["restart"] == "unless-stopped"  # the self-check's exit is only a cure with a restart
+    assert [s["target"] for s in services["wireguard"]["secrets"]] == ["wg0.conf"]
+    for key in [k for k in os.environ if k.startswith("WL_")]:
+        monkeypatch.delenv(key)
+    example = (ROOT / "deploy" / "env" / "wl-workers.env.example").read_text()
+    for line in example.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            monkeypatch.setenv(key, value)
+    for key, value in workers["environment"].items():
+        monkeypatch.setenv(key, str(value))
+    config = WlSettings().netcheck()
+    assert config is not None and config.interface == "wg0" and config.exit_after == 60
+    assert "WL_NETCHECK_TARGETS=" in example and "WL_NETCHECK_EXIT_AFTER=" in example
