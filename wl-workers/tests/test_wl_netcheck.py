@@ -184,8 +184,9 @@ async def test_a_recovery_resets_the_clock_and_exit_after_zero_never_exits(caplo
 async def test_run_stops_on_the_event(listener: Listener) -> None:
     monitor = NetworkMonitor(NetcheckConfig(targets=(listener.target,), interval=30))
     stop = asyncio.Event()
+    before = failures("ok")
     task = asyncio.create_task(monitor.run(stop))
-    await wait_until(lambda: failures("ok") > 0, what="a first check")
+    await wait_until(lambda: failures("ok") > before, what="a first check")
     stop.set()
     assert await asyncio.wait_for(task, timeout=5) is None
 

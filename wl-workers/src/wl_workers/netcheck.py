@@ -25,7 +25,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .metrics import NETCHECKS
 
@@ -35,6 +35,7 @@ SIOCGIFFLAGS = 0x8913  # linux/sockios.h
 IFF_UP = 0x1
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: the name, then ifr_flags in the 24-byte union
 IFNAMSIZ = 16
+READINESS_CONNECT_LIMIT = 4.0
 
 
 class DeviceNetworkDown(Exception):
@@ -114,13 +115,13 @@ class NetcheckConfig:
 
 def interface_problem(name: str) -> str | None:
     """Why ``name`` cannot carry device traffic in this network namespace, or None when it is there and up."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             reply = fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, _IFREQ.pack(name.encode(), 0))
-        except OSError as exc:
-            if exc.errno == errno.ENODEV:
-                return f"interface {name} does not exist"
-            return f"interface {name}: {exc.strerror or exc}"
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:
+            return f"interface {name} does not exist"
+        return f"interface {name} cannot be checked: {exc.strerror or exc}"
     _, flags = _IFREQ.unpack(reply)
     return None if flags & IFF_UP else f"interface {name} is down"
 
@@ -162,10 +163,12 @@ class NetworkMonitor:
         self.clock = clock
         self.failing_since: float | None = None
         self.reason: str | None = None
+        # pg-worker gives a readiness hook 5 s: a longer connect timeout would hide the reason behind a timeout
+        self._for_readiness = replace(config, connect_timeout=min(config.connect_timeout, READINESS_CONNECT_LIMIT))
 
     async def readiness(self) -> bool:
         try:
-            await check(self.config)
+            await check(self._for_readiness)
         except DeviceNetworkDown as exc:
             since = self.failing_since
             suffix = f" (failing for {self.clock() - since:.0f}s)" if since is not None else ""

@@ -93,19 +93,20 @@ async def serve(conninfo: str, settings: WlSettings, wsettings: WorkerSettings) 
     stop = asyncio.Event()
     reconciler = asyncio.create_task(_periodic_reconcile(conninfo, settings, stop)) if settings.reconcile_interval > 0 else None
     watcher = asyncio.create_task(_watch_device_network(monitor, worker, stop)) if monitor is not None else None
+    outcome: Exception | None = None
     try:
         await worker.run()
     finally:
         stop.set()
         if reconciler is not None:
             await reconciler
+        if watcher is not None:
+            outcome = await watcher
         if server is not None:
             server.stop()
-    if watcher is not None:
-        # the worker has stopped gracefully (jobs finished or handed back); now exit non-zero if the network was lost
-        outcome = await watcher
-        if outcome is not None:
-            raise outcome
+    if outcome is not None:
+        # the worker has stopped gracefully (jobs finished or handed back); now exit non-zero, to be restarted
+        raise outcome
     return worker
 
 
