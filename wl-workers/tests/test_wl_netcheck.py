@@ -279,3 +279,22 @@ async def test_without_the_variables_the_check_is_off(worker_env: dict[str, str]
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, 30)
     assert code == 0
+
+
+class BrokenMonitor(NetworkMonitor):
+    """A check with a bug (no real network state makes the real one raise anything but DeviceNetworkDown)."""
+
+    async def check_once(self) -> DeviceNetworkLost | None:
+        raise RuntimeError("bug in the check")
+
+
+async def test_a_broken_check_stops_the_worker_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    from pg_worker import Worker, WorkerCrashed
+    from wl_workers.app import build_app
+    from wl_workers.runner import _watch_device_network
+
+    worker = Worker(build_app("postgresql:///unused"), "postgresql:///unused")  # never run: only asked to stop
+    outcome = await _watch_device_network(BrokenMonitor(NetcheckConfig(interface="lo")), worker, asyncio.Event())
+    assert isinstance(outcome, WorkerCrashed) and "RuntimeError: bug in the check" in str(outcome)
+    assert worker.health.stopping
+    assert any(r.__dict__.get("event") == "device_network_check_crashed" for r in caplog.records)
