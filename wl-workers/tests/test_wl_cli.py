@@ -119,7 +119,7 @@ async def test_simulate_router_command(router_password: str) -> None:
             state = (await client.post("/__sim__/control", json={"action": "reboot"})).json()
             assert state["reboots"] == 1
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
         code = await asyncio.to_thread(proc.wait, 10)
     assert code == 0 and time.monotonic() - started < 10
