@@ -13,7 +13,7 @@ import httpx
 import psycopg
 import pytest
 
-from conftest import make_settings
+from webhook_fixtures import make_settings
 from webhook_helpers import MP_SECRETS, RunningServer, billing_event, events, mp_request, queue, serve, standard_request
 
 Conn = psycopg.Connection[tuple[Any, ...]]

@@ -7,7 +7,7 @@ import httpx
 import psycopg
 import pytest
 
-from conftest import make_settings
+from webhook_fixtures import make_settings
 from webhook_helpers import PgServer, billing_event, events, queue, serve, standard_request
 
 

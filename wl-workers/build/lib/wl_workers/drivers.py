@@ -1,0 +1,285 @@
+"""Device drivers: one small interface, and the RouterOS REST (v7) implementation.
+
+Every action is look-up, change, verify, and never keeps a ``.id`` beyond one round: ids change when a router
+reboots. When a change fails because someone (or a reboot) got there first ("already have such entry",
+"no such item"), the round goes on to verify: if the device is now as wanted, that is success.
+
+Errors are classified once, here: :class:`TransientDeviceError` (timeouts, refused or reset connections, 5xx,
+a verify that keeps failing) is worth retrying with backoff; :class:`PermanentDeviceError` (bad credentials,
+a TLS certificate that does not verify, an entry the device rejects, a PPP secret it does not have) is not.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+from urllib.parse import quote
+
+import httpx
+
+from ._store import Device, Method
+
+Observed = Literal["active", "suspended", "partial"]
+ROUNDS = 3  # look-up/change/verify rounds before a device that keeps changing under us counts as a failure
+
+
+class DeviceError(Exception):
+    kind: Literal["transient", "permanent"]
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TransientDeviceError(DeviceError):
+    kind = "transient"
+
+
+class PermanentDeviceError(DeviceError):
+    kind = "permanent"
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """What the device says about one customer now. ``partial``: a PPP secret disabled while a session of it is
+    still up (a suspension that did not finish)."""
+
+    state: Observed
+    detail: str
+
+
+class Driver(Protocol):
+    async def ensure_active(self, method: Method, target: str) -> None: ...
+
+    async def ensure_suspended(self, method: Method, target: str) -> None: ...
+
+    async def read_state(self, method: Method, target: str) -> DeviceState: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 3.0
+    read: float = 10.0
+
+
+def make_driver(device: Device, password: str, timeouts: Timeouts | None = None) -> Driver:
+    if device.driver == "routeros-rest":
+        return RouterOsRest(device, password, timeouts or Timeouts())
+    raise PermanentDeviceError(f"device {device.name}: unknown driver {device.driver!r}")
+
+
+def _tls(device: Device) -> ssl.SSLContext | bool:
+    if device.scheme != "https":
+        return False
+    if device.tls_insecure:
+        return False
+    try:
+        return ssl.create_default_context(cafile=device.ca_file) if device.ca_file else ssl.create_default_context()
+    except (OSError, ssl.SSLError) as exc:
+        raise PermanentDeviceError(f"cannot load CA file {device.ca_file}: {exc}") from exc
+
+
+def _is_cert_error(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def classify_transport_error(exc: httpx.HTTPError) -> DeviceError:
+    if isinstance(exc, httpx.TimeoutException):
+        return TransientDeviceError(f"timeout ({type(exc).__name__})")
+    if _is_cert_error(exc):
+        return PermanentDeviceError(f"TLS certificate does not verify: {exc}")
+    if isinstance(exc, httpx.TransportError):  # refused, reset, dropped, protocol errors
+        return TransientDeviceError(f"connection failed ({type(exc).__name__}: {exc or 'no detail'})")
+    return PermanentDeviceError(f"request failed ({type(exc).__name__}: {exc})")
+
+
+class _Rejected(Exception):
+    """A 400/404 answer, for the caller to judge (already there / already gone / really rejected)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    if isinstance(body, dict):
+        return str(body.get("detail") or body.get("message") or body)[:200]
+    return str(body)[:200]
+
+
+class RouterOsRest:
+    """RouterOS 7 REST API: ``/rest/...`` over HTTPS (CA file per device, or an explicit insecure switch) or HTTP."""
+
+    def __init__(self, device: Device, password: str, timeouts: Timeouts) -> None:
+        self.device = device
+        self.list_name = device.address_list
+        self._client = httpx.AsyncClient(
+            base_url=device.base_url + "/rest",
+            auth=httpx.BasicAuth(device.username, password),
+            verify=_tls(device),
+            timeout=httpx.Timeout(timeouts.read, connect=timeouts.connect),
+            headers={"Accept": "application/json"},
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # -- HTTP -----------------------------------------------------------------------------------------------
+
+    async def _call(self, method: str, path: str, *, params: dict[str, str] | None = None, body: dict[str, str] | None = None) -> Any:
+        try:
+            response = await self._client.request(method, path, params=params, json=body)
+        except httpx.HTTPError as exc:
+            raise classify_transport_error(exc) from exc
+        status = response.status_code
+        if 200 <= status < 300:
+            return response.json() if response.content else None
+        detail = _detail(response)
+        if status in (401, 403):
+            raise PermanentDeviceError(f"authentication failed (HTTP {status}): check the device's username and password")
+        if status >= 500 or status in (408, 429):
+            raise TransientDeviceError(f"device answered HTTP {status}: {detail}")
+        if status in (400, 404):
+            raise _Rejected(status, detail)
+        raise PermanentDeviceError(f"device answered HTTP {status}: {detail}")
+
+    async def _print(self, menu: str, **filters: str) -> list[dict[str, str]]:
+        result = await self._call("GET", f"/{menu}", params=filters)
+        if not isinstance(result, list):
+            raise PermanentDeviceError(f"unexpected answer to GET /{menu}: {type(result).__name__}")
+        return [item for item in result if isinstance(item, dict)]
+
+    @staticmethod
+    def _item(menu: str, item_id: str) -> str:
+        return f"/{menu}/{quote(item_id, safe='')}"
+
+    async def _set(self, menu: str, item_id: str, values: dict[str, str]) -> bool:
+        """PATCH one item; ``False`` when it is gone (renumbered by a reboot, or removed): look it up again."""
+        try:
+            await self._call("PATCH", self._item(menu, item_id), body=values)
+        except _Rejected as exc:
+            if exc.status == 404 or "no such item" in exc.detail:
+                return False
+            raise PermanentDeviceError(f"device rejected the change of {menu}: {exc.detail}") from exc
+        return True
+
+    async def _remove(self, menu: str, item_id: str) -> None:
+        try:
+            await self._call("DELETE", self._item(menu, item_id))
+        except _Rejected as exc:
+            if exc.status == 404 or "no such item" in exc.detail:
+                return  # gone already: the verify decides
+            raise PermanentDeviceError(f"device rejected the removal from {menu}: {exc.detail}") from exc
+
+    async def _add(self, menu: str, values: dict[str, str]) -> None:
+        try:
+            await self._call("PUT", f"/{menu}", body=values)
+        except _Rejected as exc:
+            if "already have such entry" in exc.detail:
+                return  # added concurrently: the verify decides
+            raise PermanentDeviceError(f"device rejected the new entry in {menu}: {exc.detail}") from exc
+
+    # -- address-list method ---------------------------------------------------------------------------------
+
+    async def _listed(self, address: str) -> list[dict[str, str]]:
+        entries = await self._print("ip/firewall/address-list", list=self.list_name, address=address)
+        return [e for e in entries if e.get("disabled") != "true"]
+
+    async def _suspend_address(self, address: str) -> None:
+        for _ in range(ROUNDS):
+            if await self._listed(address):
+                return
+            disabled = await self._print("ip/firewall/address-list", list=self.list_name, address=address)
+            if disabled:
+                await self._set("ip/firewall/address-list", disabled[0][".id"], {"disabled": "false"})
+            else:
+                await self._add("ip/firewall/address-list", {"list": self.list_name, "address": address, "comment": "wl-workers: suspended"})
+            if await self._listed(address):
+                return
+        raise TransientDeviceError(f"{address} is still not in address-list {self.list_name} after {ROUNDS} rounds")
+
+    async def _restore_address(self, address: str) -> None:
+        for _ in range(ROUNDS):
+            entries = await self._listed(address)
+            if not entries:
+                return
+            for entry in entries:
+                await self._remove("ip/firewall/address-list", entry[".id"])
+            if not await self._listed(address):
+                return
+        raise TransientDeviceError(f"{address} is still in address-list {self.list_name} after {ROUNDS} rounds")
+
+    # -- PPPoE method ----------------------------------------------------------------------------------------
+
+    async def _secret(self, user: str) -> dict[str, str]:
+        secrets = await self._print("ppp/secret", name=user)
+        if not secrets:
+            raise PermanentDeviceError(f"the device has no PPP secret named {user!r}")
+        return secrets[0]
+
+    async def _sessions(self, user: str) -> list[dict[str, str]]:
+        return await self._print("ppp/active", name=user)
+
+    async def _suspend_pppoe(self, user: str) -> None:
+        for _ in range(ROUNDS):
+            secret = await self._secret(user)
+            if secret.get("disabled") != "true" and not await self._set("ppp/secret", secret[".id"], {"disabled": "true"}):
+                continue
+            # only after the secret is disabled: a session removed earlier could reconnect at once
+            for session in await self._sessions(user):
+                await self._remove("ppp/active", session[".id"])
+            if (await self._secret(user)).get("disabled") == "true" and not await self._sessions(user):
+                return
+        raise TransientDeviceError(f"PPP user {user!r} is still not fully suspended after {ROUNDS} rounds")
+
+    async def _restore_pppoe(self, user: str) -> None:
+        for _ in range(ROUNDS):
+            secret = await self._secret(user)
+            if secret.get("disabled") == "true" and not await self._set("ppp/secret", secret[".id"], {"disabled": "false"}):
+                continue
+            if (await self._secret(user)).get("disabled") != "true":
+                return
+        raise TransientDeviceError(f"PPP secret {user!r} is still disabled after {ROUNDS} rounds")
+
+    # -- interface -------------------------------------------------------------------------------------------
+
+    async def ensure_suspended(self, method: Method, target: str) -> None:
+        if method == "address-list":
+            await self._suspend_address(target)
+        else:
+            await self._suspend_pppoe(target)
+
+    async def ensure_active(self, method: Method, target: str) -> None:
+        if method == "address-list":
+            await self._restore_address(target)
+        else:
+            await self._restore_pppoe(target)
+
+    async def read_state(self, method: Method, target: str) -> DeviceState:
+        if method == "address-list":
+            listed = await self._listed(target)
+            if listed:
+                return DeviceState("suspended", f"{target} is in address-list {self.list_name}")
+            return DeviceState("active", f"{target} is not in address-list {self.list_name}")
+        secret = await self._secret(target)
+        sessions = len(await self._sessions(target))
+        if secret.get("disabled") != "true":
+            return DeviceState("active", f"PPP secret {target} enabled, {sessions} session(s)")
+        if sessions:
+            return DeviceState("partial", f"PPP secret {target} disabled but {sessions} session(s) still up")
+        return DeviceState("suspended", f"PPP secret {target} disabled, no session")

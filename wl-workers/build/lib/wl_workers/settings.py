@@ -1,0 +1,54 @@
+"""Settings of the wl-workers service, from the environment (``WL_*``, plus the shared ``DATABASE_URL`` and the
+Mercado Pago variables named in the payment contract)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEVICE_ACTIONS = "device_actions"
+PAYMENT_SYNC = "payment_sync"
+QUEUES = (DEVICE_ACTIONS, PAYMENT_SYNC)
+
+
+class WlSettings(BaseSettings):
+    """Every field is read from ``WL_<FIELD>``; the fields with an alias from the variable named there."""
+
+    model_config = SettingsConfigDict(env_prefix="WL_", extra="ignore", populate_by_name=True)
+
+    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
+    data_dir: Path = Path(".data/postgres")
+
+    # device calls
+    http_connect_timeout: float = Field(default=3.0, gt=0)
+    http_read_timeout: float = Field(default=10.0, gt=0)
+    # how long a job waits inside the handler for its service lock or a device slot before it asks for a retry
+    lock_wait: float = Field(default=10.0, gt=0)
+    busy_retry_delay: float = Field(default=2.0, ge=0)
+
+    # retry policy of device_actions: ~2 s doubling to 5 min; 12 attempts cover about half an hour of outage,
+    # after which the job is dead-lettered and the periodic reconcile (if on) repairs the device later
+    action_max_attempts: int = Field(default=12, ge=1)
+    action_base_delay: float = Field(default=2.0, ge=0)
+    action_max_delay: float = Field(default=300.0, ge=0)
+
+    # periodic reconcile inside `wl-workers run` (seconds; 0 = off)
+    reconcile_interval: float = Field(default=0.0, ge=0)
+
+    # payments.sync
+    mercadopago_api_base_url: str = Field(default="https://api.mercadopago.com", validation_alias="MERCADOPAGO_API_BASE_URL")
+    mercadopago_access_token: SecretStr | None = Field(default=None, validation_alias="MERCADOPAGO_ACCESS_TOKEN")
+    payment_max_attempts: int = Field(default=10, ge=1)
+    payment_base_delay: float = Field(default=5.0, ge=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    @field_validator("mercadopago_api_base_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")

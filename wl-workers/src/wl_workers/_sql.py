@@ -1,0 +1,88 @@
+"""All of wl-workers' SQL, in one place. Nothing here is assembled from input: values travel as parameters."""
+
+from __future__ import annotations
+
+# Advisory-lock namespaces (first key of the two-int form). Arbitrary constants; chosen once, never changed.
+LOCK_MIGRATE = 0x574C0001
+LOCK_SERVICE = 0x574C0002
+LOCK_RECONCILE = 0x574C0003
+# The device slot locks use hashtext('wl.device:' || name) as the first key and the slot number as the second.
+
+MIGRATION_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_MIGRATE}, 0)"
+MIGRATION_TABLE = """
+CREATE SCHEMA IF NOT EXISTS wl;
+CREATE TABLE IF NOT EXISTS wl.schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+APPLIED_MIGRATIONS = "SELECT version, name, checksum FROM wl.schema_migrations ORDER BY version"
+RECORD_MIGRATION = "INSERT INTO wl.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)"
+
+# -- devices ------------------------------------------------------------------------------------------------
+
+DEVICE_COLUMNS = (
+    "id, name, driver, host, port, scheme, ca_file, tls_insecure, username, password_ref, max_concurrent, address_list"
+)
+INSERT_DEVICE = """
+INSERT INTO wl.devices (name, driver, host, port, scheme, ca_file, tls_insecure, username, password_ref,
+                        max_concurrent, address_list)
+VALUES (%(name)s, %(driver)s, %(host)s, %(port)s, %(scheme)s, %(ca_file)s, %(tls_insecure)s, %(username)s,
+        %(password_ref)s, %(max_concurrent)s, %(address_list)s)
+RETURNING id
+"""
+LIST_DEVICES = f"SELECT {DEVICE_COLUMNS} FROM wl.devices ORDER BY name"
+GET_DEVICE = f"SELECT {DEVICE_COLUMNS} FROM wl.devices WHERE name = %s"
+GET_DEVICE_BY_ID = f"SELECT {DEVICE_COLUMNS} FROM wl.devices WHERE id = %s"
+DEVICE_SERVICE_COUNT = "SELECT count(*) FROM wl.customer_services WHERE device_id = %s"
+DELETE_DEVICE = "DELETE FROM wl.devices WHERE name = %s"
+
+# -- services -----------------------------------------------------------------------------------------------
+
+SERVICE_COLUMNS = """
+s.service_id, d.name, s.method, s.target, s.desired_state, s.desired_event_at, s.applied_state,
+s.applied_event_at, s.applied_at, s.last_error, s.last_error_at, s.device_id
+"""
+INSERT_SERVICE = """
+INSERT INTO wl.customer_services (service_id, device_id, method, target, desired_state)
+SELECT %(service_id)s, d.id, %(method)s, %(target)s, %(desired_state)s FROM wl.devices d WHERE d.name = %(device)s
+RETURNING service_id
+"""
+GET_SERVICE = f"""
+SELECT {SERVICE_COLUMNS} FROM wl.customer_services s JOIN wl.devices d ON d.id = s.device_id
+WHERE s.service_id = %s
+"""
+LIST_SERVICES = f"""
+SELECT {SERVICE_COLUMNS} FROM wl.customer_services s JOIN wl.devices d ON d.id = s.device_id
+WHERE %(device)s::text IS NULL OR d.name = %(device)s::text
+ORDER BY d.name, s.service_id
+"""
+
+# An action that is not stale first records what is now desired (kept even when the device call fails).
+ACCEPT_ACTION = """
+UPDATE wl.customer_services
+SET desired_state = %(state)s, desired_event_at = %(event_at)s, updated_at = now()
+WHERE service_id = %(service_id)s
+"""
+RECORD_APPLIED = """
+UPDATE wl.customer_services
+SET applied_state = %(state)s, applied_event_at = %(event_at)s, applied_at = now(),
+    last_error = NULL, last_error_at = NULL, updated_at = now()
+WHERE service_id = %(service_id)s
+"""
+RECORD_ERROR = """
+UPDATE wl.customer_services SET last_error = %(error)s, last_error_at = now(), updated_at = now()
+WHERE service_id = %(service_id)s
+"""
+
+# -- locks --------------------------------------------------------------------------------------------------
+
+# Blocks until the service is free or lock_timeout (set per transaction) ends the wait with LockNotAvailable.
+LOCK_SERVICE_XACT = f"SELECT pg_advisory_xact_lock({LOCK_SERVICE}, hashtext(%s))"
+SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %s, true)"
+TRY_DEVICE_SLOT = "SELECT pg_try_advisory_xact_lock(hashtext('wl.device:' || %s), %s)"
+TRY_RECONCILE_LOCK = f"SELECT pg_try_advisory_lock({LOCK_RECONCILE}, 0)"
+RELEASE_RECONCILE_LOCK = f"SELECT pg_advisory_unlock({LOCK_RECONCILE}, 0)"
+SERVICE_EXISTS = "SELECT 1 FROM wl.customer_services WHERE service_id = %s"

@@ -1,0 +1,32 @@
+"""wl-workers' Prometheus metrics, per device. They live on a registry of their own (``REGISTRY``), which the
+runner attaches to pg-worker's ``/metrics`` registry, so one scrape shows both."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+ACTIONS = Counter(
+    "wl_device_actions",
+    "Device actions by outcome: applied, stale (older than the last applied event), transient, permanent, busy.",
+    ["device", "action", "outcome"],
+    registry=REGISTRY,
+)
+FAILURES = Counter("wl_device_failures", "Failed device actions by class (transient, permanent).", ["device", "error_class"], registry=REGISTRY)
+LATENCY = Histogram(
+    "wl_device_action_duration_seconds",
+    "Time a device took for one look-up/change/verify action.",
+    ["device"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+RECONCILE = Counter("wl_reconcile_services", "Services seen by reconcile, by result (in_sync, differs, error).", ["device", "result"], registry=REGISTRY)
+PAYMENT_SYNCS = Counter(
+    "wl_payment_syncs",
+    "payments.sync jobs by outcome (activated, not_approved, unknown_service, transient, permanent).",
+    ["provider", "outcome"],
+    registry=REGISTRY,
+)
+
+COLLECTORS = (ACTIONS, FAILURES, LATENCY, RECONCILE, PAYMENT_SYNCS)
