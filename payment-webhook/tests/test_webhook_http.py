@@ -13,6 +13,7 @@ import httpx
 import psycopg
 import pytest
 
+from pg_worker import AsyncProducer
 from webhook_fixtures import make_settings
 from webhook_helpers import MP_SECRETS, RunningServer, billing_event, events, mp_request, queue, serve, standard_request
 
@@ -358,3 +359,24 @@ def test_rejections_are_logged_without_secrets_or_bodies(webhook_server: Running
 
     assert all(secret not in logged and secret[6:] not in logged for secret in STANDARD_SECRETS)
     assert headers["webhook-signature"] not in logged
+
+
+class _ExplodingProducer(AsyncProducer):
+    """pg-worker's producer that fails after the event row was inserted (a bug, not a database error)."""
+
+    async def enqueue(self, *args: Any, **kwargs: Any) -> int:
+        raise RuntimeError("boom after the insert")
+
+
+def test_unexpected_error_after_the_insert_is_500_counted_logged_and_rolled_back(
+    webhook_db: str, db: Conn, caplog: pytest.LogCaptureFixture
+) -> None:
+    with serve(make_settings(), webhook_db, producer=_ExplodingProducer()) as server:
+        body, headers = standard_request(billing_event(), "msg_boom")
+        with caplog.at_level("ERROR", logger="payment_webhook"):
+            response = post(server, "/webhooks/standard", body, headers)
+        assert (response.status_code, response.json()["reason"]) == (500, "internal_error")
+        assert server.metric("webhook_rejections_total", provider="standard", reason="internal_error") == 1
+    assert [r.__dict__["event"] for r in caplog.records if r.levelname == "ERROR"] == ["webhook_failed", "webhook_rejected"]
+    assert events(db) == []
+    assert queue(db, "device_actions") == []

@@ -153,12 +153,23 @@ def _delivery_id(provider: str, request: Request) -> str:
     return request.headers.get("webhook-id" if provider == "standard" else "x-request-id", "")[:200]
 
 
+async def _guarded(provider: str, request: Request, handler: Callable[[Request], Awaitable[Outcome]]) -> Outcome:
+    """A bug must not escape unlogged and uncounted: it becomes a 500 (the provider retries)."""
+    try:
+        return await handler(request)
+    except Rejected:
+        raise
+    except Exception as exc:
+        logger.exception("webhook_failed", extra={"event": "webhook_failed", "provider": provider, "delivery_id": _delivery_id(provider, request)})
+        raise Rejected(500, "internal_error", f"unexpected {type(exc).__name__}") from None
+
+
 async def _handle(
     provider: str, request: Request, service: Service, handler: Callable[[Request], Awaitable[Outcome]]
 ) -> Response:
     started = time.perf_counter()
     try:
-        status, outcome, event, recorded = await handler(request)
+        status, outcome, event, recorded = await _guarded(provider, request, handler)
     except Rejected as exc:
         service.metrics.rejections.labels(provider, exc.reason).inc()
         level = logging.ERROR if exc.status >= 500 else logging.WARNING

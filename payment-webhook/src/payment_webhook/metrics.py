@@ -28,7 +28,7 @@ class WebhookMetrics:
             "webhook_rejections_total",
             "Requests turned away, by reason (missing_signature, bad_signature, bad_timestamp, "
             "timestamp_out_of_window, body_too_large, bad_content_length, malformed_json, schema, "
-            "provider_disabled, database_unavailable, database_error).",
+            "provider_disabled, database_unavailable, database_error, internal_error).",
             ["provider", "reason"],
             registry=self.registry,
         )
