@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from wl_helpers import (
+    PASSWORD_REF,
     add_customer,
     add_router,
     at,
@@ -132,3 +133,23 @@ async def test_password_reference_unresolvable_is_permanent(wl_db: str, sim: Rou
     row = await service_row(wl_db, "c1")
     assert row.last_error is not None and "WL_TEST_UNSET_VARIABLE is not set" in row.last_error
     assert len(await dlq(wl_db)) == 1
+
+
+async def test_binary_api_device_end_to_end(wl_db: str, sim: RouterSimulator) -> None:
+    import psycopg
+
+    from wl_workers._store import add_device
+
+    async with await psycopg.AsyncConnection.connect(wl_db, autocommit=True) as conn:
+        await add_device(conn, name="v6", driver="routeros-api", host="127.0.0.1", port=sim.api_port, scheme="http", username=sim.username, password_ref=PASSWORD_REF)
+    await add_customer(wl_db, "c-v6", "pppoe", "pppoe-6", device="v6")
+    sim.add("ppp/secret", name="pppoe-6")
+    sim.add("ppp/active", name="pppoe-6")
+    await enqueue(wl_db, DEACTIVATE, "c-v6", at(0))
+    await drain(wl_db)
+    assert sim.items("ppp/secret", name="pppoe-6")[0]["disabled"] == "true" and not sim.items("ppp/active")
+    await enqueue(wl_db, ACTIVATE, "c-v6", at(1))
+    await drain(wl_db)
+    assert sim.items("ppp/secret", name="pppoe-6")[0]["disabled"] == "false"
+    assert all(r.path.startswith("api:") for r in sim.requests)
+    assert (await service_row(wl_db, "c-v6")).applied_state == "active"

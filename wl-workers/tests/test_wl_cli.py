@@ -44,9 +44,9 @@ async def test_concurrent_migrations_apply_once(wl_empty_db: str) -> None:
 
 async def test_changed_or_unknown_migration_is_refused(wl_empty_db: str) -> None:
     await migrate(wl_empty_db)
-    first = load_migrations()[0]
+    first, *rest = load_migrations()
     with pytest.raises(MigrationError, match="changed after it was applied"):
-        await migrate(wl_empty_db, [Migration(first.version, first.name, first.sql + "\n-- edited")])
+        await migrate(wl_empty_db, [Migration(first.version, first.name, first.sql + "\n-- edited"), *rest])
     with pytest.raises(MigrationError, match="does not know"):
         await migrate(wl_empty_db, [])
 
@@ -123,3 +123,9 @@ async def test_simulate_router_command(router_password: str) -> None:
         started = time.monotonic()
         code = await asyncio.to_thread(proc.wait, 10)
     assert code == 0 and time.monotonic() - started < 10
+
+
+def test_run_refuses_an_unmigrated_database(wl_empty_db: str, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PG_WORKER_METRICS", "false")
+    code, _, err = cli(wl_empty_db, "run")
+    assert code == 1 and "run `wl-workers migrate` first" in err and "0001_devices_and_services.sql" in err

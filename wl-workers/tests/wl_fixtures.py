@@ -87,5 +87,5 @@ def router_password(monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture
 def sim(router_password: str) -> Iterator[RouterSimulator]:
-    with RouterSimulator(username="api", password=router_password) as router:
+    with RouterSimulator(username="api", password=router_password, api=True) as router:
         yield router

@@ -84,3 +84,15 @@ async def migrate(conninfo: str, migrations: list[Migration] | None = None) -> M
             logger.info("migration_applied", extra={"event": "migration_applied", "migration": m.name})
         report.current = max(known, default=0)
     return report
+
+
+async def pending_migrations(conninfo: str) -> list[str]:
+    """The migrations this package has that the database lacks (read-only; all of them before the first run)."""
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
+        cur = await conn.execute(_sql.MIGRATIONS_TABLE_EXISTS)
+        row = await cur.fetchone()
+        applied: set[int] = set()
+        if row is not None and row[0]:
+            cur = await conn.execute(_sql.APPLIED_MIGRATIONS)
+            applied = {int(r[0]) for r in await cur.fetchall()}
+    return [m.name for m in load_migrations() if m.version not in applied]

@@ -18,6 +18,7 @@ CREATE TABLE IF NOT EXISTS wl.schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 )
 """
+MIGRATIONS_TABLE_EXISTS = "SELECT to_regclass('wl.schema_migrations') IS NOT NULL"
 APPLIED_MIGRATIONS = "SELECT version, name, checksum FROM wl.schema_migrations ORDER BY version"
 RECORD_MIGRATION = "INSERT INTO wl.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)"
 

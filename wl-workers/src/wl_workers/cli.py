@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     d_add = device.add_parser("add", help="add a router")
     d_add.add_argument("name")
     d_add.add_argument("--host", required=True)
-    d_add.add_argument("--port", type=int, default=None, help="default: the scheme's")
-    d_add.add_argument("--scheme", choices=["https", "http"], default="https")
+    d_add.add_argument("--driver", choices=["routeros-rest", "routeros-api"], default="routeros-rest", help="REST (v7, default) or the binary API (8728/8729, v6)")
+    d_add.add_argument("--port", type=int, default=None, help="default: 443/80 (REST), 8729/8728 (API)")
+    d_add.add_argument("--scheme", choices=["https", "http"], default="https", help="https = TLS (default), http = plain")
     d_add.add_argument("--ca-file", default=None, help="CA certificate(s) that sign the router's certificate")
     d_add.add_argument("--insecure", action="store_true", help="HTTPS without verifying the certificate (explicit choice)")
     d_add.add_argument("--username", required=True)
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--username", default="admin")
     sim.add_argument("--password-env", default="WL_SIM_PASSWORD", help="variable holding the password (default WL_SIM_PASSWORD; unset = empty)")
     sim.add_argument("--seed-demo", action="store_true", help="start with a few customers (see demo-seed)")
+    sim.add_argument("--api-port", type=int, default=None, help="also serve the binary API on this port (0 = any free one)")
 
     demo = commands.add_parser("demo-seed", help="add the demo router and its services (matching simulate-router --seed-demo)")
     demo.add_argument("--url", required=True, help="the simulator, e.g. http://127.0.0.1:9728")
@@ -129,7 +131,7 @@ def _print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
 async def _device_cmd(conn: psycopg.AsyncConnection[Any], args: argparse.Namespace) -> int:
     if args.sub == "add":
         await add_device(
-            conn, name=args.name, host=args.host, port=args.port, scheme=args.scheme, ca_file=args.ca_file, tls_insecure=args.insecure,
+            conn, name=args.name, driver=args.driver, host=args.host, port=args.port, scheme=args.scheme, ca_file=args.ca_file, tls_insecure=args.insecure,
             username=args.username, password_ref=args.password_ref, max_concurrent=args.max_concurrent, address_list=args.address_list,
         )
         print(f"device {args.name} added")
@@ -221,7 +223,7 @@ async def _demo_seed(conn: psycopg.AsyncConnection[Any], args: argparse.Namespac
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "simulate-router":
-        simulator.serve(args.host, args.port, args.username, os.environ.get(args.password_env, ""), seed_demo=args.seed_demo)
+        simulator.serve(args.host, args.port, args.username, os.environ.get(args.password_env, ""), seed_demo=args.seed_demo, api_port=args.api_port)
         return EXIT_OK
     settings = WlSettings()
     url, _server = _database(settings)  # _server keeps an embedded PostgreSQL alive while in use

@@ -1,4 +1,5 @@
-"""Device drivers: one small interface, and the RouterOS REST (v7) implementation.
+"""Device drivers: one small interface (:class:`Driver`), and the RouterOS implementation over either the REST API
+(v7, here) or the binary API (v6, ``_routeros_api``).
 
 Every action is look-up, change, verify, and never keeps a ``.id`` beyond one round: ids change when a router
 reboots. When a change fails because someone (or a reboot) got there first ("already have such entry",
@@ -65,10 +66,35 @@ class Timeouts:
     read: float = 10.0
 
 
+class MenuApi(Protocol):
+    """The four RouterOS menu operations the logic needs, whatever the transport.
+
+    ``add`` treats "already have such entry" as done; ``set`` answers ``False`` when the item is gone (look it
+    up again); ``remove`` treats "no such item" as done. Everything else the device refuses is permanent."""
+
+    async def print(self, menu: str, **filters: str) -> list[dict[str, str]]: ...
+
+    async def add(self, menu: str, values: dict[str, str]) -> None: ...
+
+    async def set(self, menu: str, item_id: str, values: dict[str, str]) -> bool: ...
+
+    async def remove(self, menu: str, item_id: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
 def make_driver(device: Device, password: str, timeouts: Timeouts | None = None) -> Driver:
+    timeouts = timeouts or Timeouts()
+    api: MenuApi
     if device.driver == "routeros-rest":
-        return RouterOsRest(device, password, timeouts or Timeouts())
-    raise PermanentDeviceError(f"device {device.name}: unknown driver {device.driver!r}")
+        api = RestApi(device, password, timeouts)
+    elif device.driver == "routeros-api":
+        from ._routeros_api import BinaryApi
+
+        api = BinaryApi(device, password, timeouts)
+    else:
+        raise PermanentDeviceError(f"device {device.name}: unknown driver {device.driver!r}")
+    return RouterOs(api, device.address_list)
 
 
 def _tls(device: Device) -> ssl.SSLContext | bool:
@@ -122,12 +148,10 @@ def _detail(response: httpx.Response) -> str:
     return str(body)[:200]
 
 
-class RouterOsRest:
+class RestApi:
     """RouterOS 7 REST API: ``/rest/...`` over HTTPS (CA file per device, or an explicit insecure switch) or HTTP."""
 
     def __init__(self, device: Device, password: str, timeouts: Timeouts) -> None:
-        self.device = device
-        self.list_name = device.address_list
         self._client = httpx.AsyncClient(
             base_url=device.base_url + "/rest",
             auth=httpx.BasicAuth(device.username, password),
@@ -158,7 +182,7 @@ class RouterOsRest:
             raise _Rejected(status, detail)
         raise PermanentDeviceError(f"device answered HTTP {status}: {detail}")
 
-    async def _print(self, menu: str, **filters: str) -> list[dict[str, str]]:
+    async def print(self, menu: str, **filters: str) -> list[dict[str, str]]:
         result = await self._call("GET", f"/{menu}", params=filters)
         if not isinstance(result, list):
             raise PermanentDeviceError(f"unexpected answer to GET /{menu}: {type(result).__name__}")
@@ -168,7 +192,7 @@ class RouterOsRest:
     def _item(menu: str, item_id: str) -> str:
         return f"/{menu}/{quote(item_id, safe='')}"
 
-    async def _set(self, menu: str, item_id: str, values: dict[str, str]) -> bool:
+    async def set(self, menu: str, item_id: str, values: dict[str, str]) -> bool:
         """PATCH one item; ``False`` when it is gone (renumbered by a reboot, or removed): look it up again."""
         try:
             await self._call("PATCH", self._item(menu, item_id), body=values)
@@ -178,7 +202,7 @@ class RouterOsRest:
             raise PermanentDeviceError(f"device rejected the change of {menu}: {exc.detail}") from exc
         return True
 
-    async def _remove(self, menu: str, item_id: str) -> None:
+    async def remove(self, menu: str, item_id: str) -> None:
         try:
             await self._call("DELETE", self._item(menu, item_id))
         except _Rejected as exc:
@@ -186,7 +210,7 @@ class RouterOsRest:
                 return  # gone already: the verify decides
             raise PermanentDeviceError(f"device rejected the removal from {menu}: {exc.detail}") from exc
 
-    async def _add(self, menu: str, values: dict[str, str]) -> None:
+    async def add(self, menu: str, values: dict[str, str]) -> None:
         try:
             await self._call("PUT", f"/{menu}", body=values)
         except _Rejected as exc:
@@ -194,21 +218,31 @@ class RouterOsRest:
                 return  # added concurrently: the verify decides
             raise PermanentDeviceError(f"device rejected the new entry in {menu}: {exc.detail}") from exc
 
+class RouterOs:
+    """The RouterOS logic of both methods, over either API (REST or binary): look-up, change, verify."""
+
+    def __init__(self, api: MenuApi, list_name: str) -> None:
+        self.api = api
+        self.list_name = list_name
+
+    async def aclose(self) -> None:
+        await self.api.aclose()
+
     # -- address-list method ---------------------------------------------------------------------------------
 
     async def _listed(self, address: str) -> list[dict[str, str]]:
-        entries = await self._print("ip/firewall/address-list", list=self.list_name, address=address)
+        entries = await self.api.print("ip/firewall/address-list", list=self.list_name, address=address)
         return [e for e in entries if e.get("disabled") != "true"]
 
     async def _suspend_address(self, address: str) -> None:
         for _ in range(ROUNDS):
             if await self._listed(address):
                 return
-            disabled = await self._print("ip/firewall/address-list", list=self.list_name, address=address)
+            disabled = await self.api.print("ip/firewall/address-list", list=self.list_name, address=address)
             if disabled:
-                await self._set("ip/firewall/address-list", disabled[0][".id"], {"disabled": "false"})
+                await self.api.set("ip/firewall/address-list", disabled[0][".id"], {"disabled": "false"})
             else:
-                await self._add("ip/firewall/address-list", {"list": self.list_name, "address": address, "comment": "wl-workers: suspended"})
+                await self.api.add("ip/firewall/address-list", {"list": self.list_name, "address": address, "comment": "wl-workers: suspended"})
             if await self._listed(address):
                 return
         raise TransientDeviceError(f"{address} is still not in address-list {self.list_name} after {ROUNDS} rounds")
@@ -219,7 +253,7 @@ class RouterOsRest:
             if not entries:
                 return
             for entry in entries:
-                await self._remove("ip/firewall/address-list", entry[".id"])
+                await self.api.remove("ip/firewall/address-list", entry[".id"])
             if not await self._listed(address):
                 return
         raise TransientDeviceError(f"{address} is still in address-list {self.list_name} after {ROUNDS} rounds")
@@ -227,22 +261,22 @@ class RouterOsRest:
     # -- PPPoE method ----------------------------------------------------------------------------------------
 
     async def _secret(self, user: str) -> dict[str, str]:
-        secrets = await self._print("ppp/secret", name=user)
+        secrets = await self.api.print("ppp/secret", name=user)
         if not secrets:
             raise PermanentDeviceError(f"the device has no PPP secret named {user!r}")
         return secrets[0]
 
     async def _sessions(self, user: str) -> list[dict[str, str]]:
-        return await self._print("ppp/active", name=user)
+        return await self.api.print("ppp/active", name=user)
 
     async def _suspend_pppoe(self, user: str) -> None:
         for _ in range(ROUNDS):
             secret = await self._secret(user)
-            if secret.get("disabled") != "true" and not await self._set("ppp/secret", secret[".id"], {"disabled": "true"}):
+            if secret.get("disabled") != "true" and not await self.api.set("ppp/secret", secret[".id"], {"disabled": "true"}):
                 continue
             # only after the secret is disabled: a session removed earlier could reconnect at once
             for session in await self._sessions(user):
-                await self._remove("ppp/active", session[".id"])
+                await self.api.remove("ppp/active", session[".id"])
             if (await self._secret(user)).get("disabled") == "true" and not await self._sessions(user):
                 return
         raise TransientDeviceError(f"PPP user {user!r} is still not fully suspended after {ROUNDS} rounds")
@@ -250,7 +284,7 @@ class RouterOsRest:
     async def _restore_pppoe(self, user: str) -> None:
         for _ in range(ROUNDS):
             secret = await self._secret(user)
-            if secret.get("disabled") == "true" and not await self._set("ppp/secret", secret[".id"], {"disabled": "false"}):
+            if secret.get("disabled") == "true" and not await self.api.set("ppp/secret", secret[".id"], {"disabled": "false"}):
                 continue
             if (await self._secret(user)).get("disabled") != "true":
                 return

@@ -15,6 +15,7 @@ from pg_worker.metrics import instrument
 from pg_worker.observability import ObservabilityServer
 from pg_worker.settings import WorkerSettings
 
+from ._migrate import pending_migrations
 from .app import build_app
 from .metrics import COLLECTORS
 from .reconcile import reconcile_once_exclusive
@@ -52,6 +53,10 @@ async def _periodic_reconcile(conninfo: str, settings: WlSettings, stop: asyncio
 
 
 async def serve(conninfo: str, settings: WlSettings, wsettings: WorkerSettings) -> Worker:
+    pending = await pending_migrations(conninfo)
+    if pending:
+        # handlers would fail on every job (and dead-letter them): refuse to start instead
+        raise SetupError(f"schema wl lacks migrations {', '.join(pending)}: run `wl-workers migrate` first")
     worker = Worker(build_app(conninfo, settings), conninfo, wsettings.worker_config(), listen_conninfo=wsettings.listen_url)
     loop = asyncio.get_running_loop()
     server = None

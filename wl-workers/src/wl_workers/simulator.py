@@ -1,4 +1,6 @@
-"""A RouterOS 7 REST API simulator: a real HTTP server on 127.0.0.1, for tests and the local system.
+"""A RouterOS simulator: a real HTTP server on 127.0.0.1 speaking the REST API of RouterOS 7 (and, with
+``api=True``, a TCP server speaking the binary API of port 8728 over the same state), for tests and the local
+system.
 
 It speaks the subset wl-workers uses, the way RouterOS does: Basic auth, every value a string, ``.id`` values
 like ``*1A`` that change after a reboot, ``GET`` with query-string filters, ``PUT`` (add), ``PATCH`` (set),
@@ -19,13 +21,14 @@ import contextlib
 import json
 import logging
 import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ _DEFAULTS: dict[str, dict[str, str]] = {
     "ppp/secret": {"disabled": "false", "service": "any", "profile": "default", "comment": ""},
     "ppp/active": {"service": "pppoe", "caller-id": "", "uptime": "0s", "encoding": "", "radius": "false"},
 }
+_API_VERBS = {"print": "GET", "add": "PUT", "set": "PATCH", "remove": "DELETE"}
 _REQUIRED = {"ip/firewall/address-list": ("list", "address"), "ppp/secret": ("name",), "ppp/active": ("name",)}
 
 
@@ -92,7 +96,12 @@ class RequestRecord:
 class RouterSimulator:
     """One simulated router. ``start()`` listens on 127.0.0.1 (port 0 = any free port)."""
 
-    def __init__(self, *, username: str = "admin", password: str = "", host: str = "127.0.0.1", port: int = 0, identity: str = "sim-router") -> None:
+    def __init__(
+        self, *, username: str = "admin", password: str = "", host: str = "127.0.0.1", port: int = 0, identity: str = "sim-router", api: bool = False, api_port: int = 0
+    ) -> None:
+        self.api = api
+        self.api_port = api_port
+        self._api_server: _ApiServer | None = None
         self.username = username
         self.password = password
         self.host = host
@@ -133,6 +142,15 @@ class RouterSimulator:
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"routeros-sim-{self.port}", daemon=True)
         self._thread.start()
+        if self.api:
+
+            class ApiHandler(_ApiHandler):
+                simulator = sim
+
+            api_server = _ApiServer((self.host, self.api_port), ApiHandler)
+            self.api_port = int(api_server.server_address[1])
+            self._api_server = api_server
+            threading.Thread(target=api_server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"routeros-sim-api-{self.api_port}", daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -140,6 +158,10 @@ class RouterSimulator:
         if server is not None:
             server.shutdown()
             server.server_close()
+        api_server, self._api_server = self._api_server, None
+        if api_server is not None:
+            api_server.shutdown()
+            api_server.server_close()
         # kept-alive connections would otherwise go on being served by their threads: a router that is down
         # answers nothing, on old connections too
         with self._lock:
@@ -323,6 +345,58 @@ class RouterSimulator:
         filters.pop(".proplist", None)
         return 200, [dict(i) for i in self._items[menu] if all(i.get(k) == v for k, v in filters.items())]
 
+    def api_command(self, words: list[str], session: dict[str, str]) -> list[list[str]] | None:
+        """One binary-API sentence; the reply sentences, or ``None`` to drop the connection."""
+        command, args = words[0], words[1:]
+        attrs = {k: v for k, _, v in (w[1:].partition("=") for w in args if w.startswith("="))}
+        queries = {k: v for k, _, v in (w[1:].partition("=") for w in args if w.startswith("?"))}
+        if command == "/login":
+            if attrs.get("name") == self.username and attrs.get("password") == self.password:
+                session["user"] = self.username
+                return [["!done"]]
+            return [["!trap", "=message=invalid user name or password (6)"], ["!done"]]
+        if "user" not in session:
+            return [["!fatal", "not logged in"]]
+        path, _, verb = command.rpartition("/")
+        method = _API_VERBS.get(verb)
+        menu = path.lstrip("/")
+        key = queries.get("address") or queries.get("name") or attrs.get("address") or attrs.get("name") or ""
+        status = 200
+        try:
+            with self._tracking(key):
+                if self.faults.delay:
+                    time.sleep(self.faults.delay)
+                fault = self._take_fault(method or "")
+                if fault == "drop":
+                    status = 0
+                    return None
+                if fault == "fail":
+                    status = 500
+                    return [["!fatal", "simulated failure"]]
+                if method is None:
+                    raise _error(400, f"no such command ({command})")
+                if self.before_request is not None:
+                    self.before_request(method, f"/rest/{menu}")
+                return self._api_reply(method, menu, attrs, queries)
+        except _Reply as reply:
+            status = reply.status
+            detail = reply.body.get("detail") or reply.body.get("message") if isinstance(reply.body, dict) else str(reply.body)
+            return [["!trap", f"=message={detail}"], ["!done"]]
+        finally:
+            with self._lock:
+                self.requests.append(RequestRecord(method or "?", f"api:{command}", status, key))
+
+    def _api_reply(self, method: str, menu: str, attrs: dict[str, str], queries: dict[str, str]) -> list[list[str]]:
+        if method == "GET":
+            _, items = self.handle("GET", f"/rest/{menu}", urlencode(queries), None)
+            return [["!re", *(f"={k}={v}" for k, v in item.items())] for item in items] + [["!done"]]
+        if method == "PUT":
+            _, item = self.handle("PUT", f"/rest/{menu}", "", attrs)
+            return [["!done", f"=ret={item['.id']}"]]
+        item_id = attrs.pop(".id", "")
+        self.handle(method, f"/rest/{menu}/{quote(item_id, safe='')}", "", attrs if method == "PATCH" else None)
+        return [["!done"]]
+
     def authorized(self, header: str | None) -> bool:
         if not header or not header.startswith("Basic "):
             return False
@@ -474,14 +548,93 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
 
-def serve(host: str, port: int, username: str, password: str, *, seed_demo: bool = False) -> None:
+class _ApiServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        logger.exception("sim_api_request_failed", extra={"event": "sim_api_request_failed", "client": client_address})
+
+
+def _read_word_length(stream: Any) -> int:
+    first: bytes = stream.read(1)
+    if not first:
+        raise EOFError
+    byte = first[0]
+    extra = 0 if byte < 0x80 else 1 if byte < 0xC0 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+    rest: bytes = stream.read(extra) if extra else b""
+    if len(rest) != extra:
+        raise EOFError
+    if byte == 0xF0:
+        return int.from_bytes(bytes(rest), "big")
+    value: int = byte & (0x7F, 0x3F, 0x1F, 0x0F)[extra]
+    for b in rest:
+        value = (value << 8) | b
+    return value
+
+
+class _ApiHandler(socketserver.StreamRequestHandler):
+    """The RouterOS binary API (8728) over the same state as the REST side."""
+
+    simulator: RouterSimulator
+
+    def setup(self) -> None:
+        super().setup()
+        with self.simulator._lock:
+            self.simulator._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.simulator._lock:
+            self.simulator._connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    def _sentence(self) -> list[str]:
+        words: list[str] = []
+        while True:
+            length = _read_word_length(self.rfile)
+            if length == 0:
+                return words
+            data = self.rfile.read(length)
+            if len(data) != length:
+                raise EOFError
+            words.append(data.decode(errors="replace"))
+
+    def handle(self) -> None:
+        from ._routeros_api import encode_sentence
+
+        session: dict[str, str] = {}
+        while True:
+            try:
+                words = self._sentence()
+            except (EOFError, OSError):
+                return
+            if not words:
+                continue
+            replies = self.simulator.api_command(words, session)
+            if replies is None:
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            with contextlib.suppress(OSError):
+                self.wfile.write(b"".join(encode_sentence(r) for r in replies))
+            if replies and replies[0][0] == "!fatal":
+                return
+
+
+def serve(host: str, port: int, username: str, password: str, *, seed_demo: bool = False, api_port: int | None = None) -> None:
     """Run a simulator in the foreground until interrupted (``wl-workers simulate-router``)."""
-    sim = RouterSimulator(username=username, password=password, host=host, port=port)
+    sim = RouterSimulator(username=username, password=password, host=host, port=port, api=api_port is not None, api_port=api_port or 0)
     if seed_demo:
         sim.seed_demo()
     sim.start()
     logger.info("simulator_listening", extra={"event": "simulator_listening", "url": sim.url, "seeded": seed_demo})
-    print(f"RouterOS simulator on {sim.url} (user {username}); control: POST {sim.url}/__sim__/control", flush=True)
+    api = f", binary API on {host}:{sim.api_port}" if sim.api else ""
+    print(f"RouterOS simulator on {sim.url}{api} (user {username}); control: POST {sim.url}/__sim__/control", flush=True)
     try:
         while True:
             time.sleep(3600)
