@@ -11,7 +11,15 @@ import pytest
 from pydantic import SecretStr
 from standardwebhooks import Webhook
 
-from payment_webhook import SignatureError, sign_mercadopago, sign_standard, verify_mercadopago, verify_standard
+from payment_webhook import (
+    SchemaError,
+    SignatureError,
+    sign_mercadopago,
+    sign_standard,
+    standard_event,
+    verify_mercadopago,
+    verify_standard,
+)
 from payment_webhook._signatures import mercadopago_manifest
 from webhook_helpers import STANDARD_SECRETS
 
@@ -88,3 +96,15 @@ def test_mercadopago_verification_with_rotated_secrets_and_window() -> None:
     # Spaces after the comma, as some clients send them, and an upper-case hex digest.
     spaced = sign_mercadopago("new", "42", "req", ts).replace(",", ", ").upper().replace("TS=", "ts=").replace("V1=", "v1=")
     assert verify_mercadopago(secrets, spaced, "req", "42", now=now, window=300) == int(ts)
+
+
+def test_event_schema_rules() -> None:
+    event = standard_event("msg_1", {"type": "service.suspend", "timestamp": "2026-11-29T18:00:00+00:00", "data": {"service_id": 1001}})
+    assert event.job is not None
+    assert event.job.payload == {"type": "service.deactivate", "service_id": "1001", "event_at": "2026-11-29T18:00:00+00:00",
+                                 "reason": "billing service.suspend (event msg_1)"}
+    with pytest.raises(SchemaError, match="webhook-id"):
+        standard_event("m" * 201, {"type": "service.suspend", "timestamp": "2026-11-29T18:00:00Z", "data": {"service_id": "s"}})
+    with pytest.raises(SchemaError, match="service_id") as info:
+        standard_event("msg_2", {"type": "service.restore", "timestamp": "2026-11-29T18:00:00Z", "data": {"service_id": "", "note": "private"}})
+    assert "private" not in str(info.value)

@@ -83,6 +83,8 @@ def _errors(exc: ValidationError) -> str:
 
 def standard_event(event_id: str, body: Any) -> Event:
     """A Standard Webhooks event from the billing system (``body`` already parsed from JSON)."""
+    if not 1 <= len(event_id) <= 200:
+        raise SchemaError("webhook-id: must be 1 to 200 characters")
     if not isinstance(body, dict):
         raise SchemaError("body: must be a JSON object")
     try:
