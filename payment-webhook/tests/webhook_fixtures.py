@@ -5,8 +5,10 @@ the webhook app served by uvicorn on 127.0.0.1 (an ephemeral port) in a thread o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,10 @@ def webhook_pg() -> Iterator[PgServer]:
         try:
             yield from _prepared(server)
         finally:
+            # The handle stops only the postmaster it started: after a test's stop/start it would leave the new
+            # one running on a deleted directory. pg_ctl stops whichever postmaster owns the data directory.
+            with contextlib.suppress(subprocess.CalledProcessError):
+                server.stop()
             server.handle.cleanup()
 
 
