@@ -4,53 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import psycopg
 import pytest
 
-from webhook_helpers import STANDARD_SECRETS, events, queue
-
-
-@contextmanager
-def serve_process(db_url: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    env = {
-        **os.environ,
-        "DATABASE_URL": db_url,
-        "WEBHOOK_STANDARD_SECRETS": " ".join(STANDARD_SECRETS),
-        "WEBHOOK_LOG_FORMAT": "json",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "payment_webhook", "serve", "--host", "127.0.0.1", "--port", "0"],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    base_url = ""
-    deadline = time.monotonic() + 30
-    lines = []
-    try:
-        while not base_url and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            match = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
-            if match:
-                base_url = match.group(1)
-        assert base_url, "".join(lines)
-        yield base_url, proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        proc.stderr.close()
+from webhook_helpers import STANDARD_SECRETS, events, queue, serve_process
 
 
 @pytest.mark.slow

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -89,6 +93,42 @@ def serve_app(app: FastAPI) -> Iterator[RunningServer]:
 def serve(settings: WebhookSettings, conninfo: str, **kwargs: Any) -> Iterator[RunningServer]:
     with serve_app(create_app(settings, conninfo=conninfo, **kwargs)) as running:
         yield running
+
+
+@contextmanager
+def serve_process(db_url: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``payment-webhook serve`` as a process on 127.0.0.1 (an ephemeral port); yields its base URL."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": db_url,
+        "WEBHOOK_STANDARD_SECRETS": " ".join(STANDARD_SECRETS),
+        "WEBHOOK_LOG_FORMAT": "json",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "payment_webhook", "serve", "--host", "127.0.0.1", "--port", "0"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    base_url = ""
+    deadline = time.monotonic() + 30
+    lines = []
+    try:
+        while not base_url and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            match = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            if match:
+                base_url = match.group(1)
+        assert base_url, "".join(lines)
+        yield base_url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stderr.close()
 
 
 def billing_event(event_type: str = "payment.approved", service_id: str = "svc-1001", **data: Any) -> dict[str, Any]:
