@@ -380,3 +380,15 @@ def test_unexpected_error_after_the_insert_is_500_counted_logged_and_rolled_back
     assert [r.__dict__["event"] for r in caplog.records if r.levelname == "ERROR"] == ["webhook_failed", "webhook_rejected"]
     assert events(db) == []
     assert queue(db, "device_actions") == []
+
+
+def test_a_client_that_goes_away_mid_body_is_counted_and_nothing_is_stored(webhook_server: RunningServer, db: Conn) -> None:
+    port = webhook_server.server.servers[0].sockets[0].getsockname()[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /webhooks/standard HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{\"type\":")
+    deadline = time.monotonic() + 10
+    while webhook_server.metric("webhook_rejections_total", provider="standard", reason="client_disconnected") < 1:
+        assert time.monotonic() < deadline, "the disconnect was not counted"
+        time.sleep(0.01)
+    assert webhook_server.metric("webhook_rejections_total", provider="standard", reason="internal_error") == 0
+    assert events(db) == []

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from psycopg_pool import AsyncConnectionPool
 from pydantic import SecretStr
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 import pg_worker
 
@@ -75,6 +75,8 @@ async def _read(request: Request, service: Service) -> bytes:
         return await read_limited(request, service.settings.max_body_bytes)
     except BodyError as exc:
         raise Rejected(exc.status, exc.reason, exc.detail) from None
+    except ClientDisconnect:
+        raise Rejected(400, "client_disconnected", "the client went away before sending the whole body") from None
 
 
 async def _record(service: Service, event: Event) -> _store.Recorded:
@@ -98,7 +100,7 @@ Outcome = tuple[int, str, Event, _store.Recorded]
 
 
 class Endpoints:
-    """The two webhook endpoints over one Service; each returns a response or raises Rejected."""
+    """The two webhook endpoints over one Service; each returns what happened or raises Rejected."""
 
     def __init__(self, service: Service) -> None:
         self.service = service

@@ -27,7 +27,7 @@ class WebhookMetrics:
         self.rejections = Counter(
             "webhook_rejections_total",
             "Requests turned away, by reason (missing_signature, bad_signature, bad_timestamp, "
-            "timestamp_out_of_window, body_too_large, bad_content_length, malformed_json, schema, "
+            "timestamp_out_of_window, body_too_large, bad_content_length, client_disconnected, malformed_json, schema, "
             "provider_disabled, database_unavailable, database_error, internal_error).",
             ["provider", "reason"],
             registry=self.registry,
