@@ -140,7 +140,7 @@ def test_a_secret_not_configured_is_refused_and_every_active_secret_is_accepted(
     assert len(events(db)) == 2
 
 
-@pytest.mark.parametrize("offset", [-301, 301])
+@pytest.mark.parametrize("offset", [-310, 310])  # header seconds are truncated: keep clear of the edge
 def test_timestamp_outside_the_tolerance_is_401(webhook_server: RunningServer, db: Conn, offset: int) -> None:
     body, headers = standard_request(billing_event(), "msg_old", ts=time.time() + offset)
     response = post(webhook_server, "/webhooks/standard", body, headers)
