@@ -11,7 +11,7 @@ import pytest
 
 import pg_worker
 from helpers import RecordingObserver, marks, running_worker, wait_until
-from pg_worker import App, Job, PollSchedule, Producer, WakeupSource
+from pg_worker import App, Job, Outcome, PollSchedule, Producer, WakeupSource
 
 TEN_MINUTES = PollSchedule(interval=600)
 
@@ -156,3 +156,25 @@ async def test_pgmq_own_notify_trigger_does_block_producers_for_contrast(db_url:
         with pytest.raises(psycopg.errors.LockNotAvailable):
             await second.execute("SELECT pgmq.send('contrast', '{}')")
         await first.rollback()
+
+
+async def test_notify_wakeups_never_outnumber_the_notifications_under_a_steady_trickle(db_url: str) -> None:
+    """Re-drains after a check found new work are not wakeups: each wakeup is counted once, by its source."""
+    app = App()
+    app.queue("trickle", batch_size=5)
+
+    @app.handler("trickle")
+    async def handle(job: Job[dict[str, Any]]) -> None:
+        await asyncio.sleep(0.002)
+
+    await pg_worker.install(db_url, ["trickle"])
+    observer = RecordingObserver()
+    async with running_worker(app, db_url, observer, poll=TEN_MINUTES, concurrency=10):
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            for _ in range(150):  # bounded: 150 messages, about one every 4 ms
+                await conn.execute("SELECT pgmq.send('trickle', '{}')")
+                await asyncio.sleep(0.004)
+        await wait_until(lambda: len(observer.outcomes(Outcome.SUCCEEDED)) == 150, limit=20, what="all jobs")
+    sources = [s for _, s, _ in observer.wakeups]
+    assert sources.count(WakeupSource.STARTUP) == 1
+    assert sources.count(WakeupSource.NOTIFY) <= observer.notifications
