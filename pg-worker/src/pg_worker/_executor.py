@@ -340,8 +340,10 @@ class Executor:
         if written is False:
             self._finish(job, Outcome.LEASE_LOST, started, exc, handler, why=lease.lost, operation="retry")
             return
-        if written:
-            self._on_retry(job.queue, delay)
+        if written is None:  # the database failed: the message comes back after its lease instead
+            self._finish(job, Outcome.FAILED, started, exc, handler, retry_in_s=round(delay, 3))
+            return
+        self._on_retry(job.queue, delay)
         self._finish(job, Outcome.RETRIED, started, exc, handler, retry_in_s=round(delay, 3))
 
     async def _give_up(self, lease: Lease, job: Job[Any], handler: Handler, exc: BaseException, reason: str, started: float) -> None:
