@@ -104,6 +104,23 @@ SELECT EXISTS (
 WAKEUP_FUNCTION_OK = "SELECT to_regprocedure('pgworker.wake_waiting_workers()') IS NOT NULL"
 
 
+def grant_worker(role: str, queue: str) -> sql.Composed:
+    """What a worker role that owns nothing needs: read and write the queue, its archive and its DLQ (pgmq's
+    functions run with the caller's rights), send to the DLQ, and keep its waiting marks."""
+    tables = [sql.Identifier(name) for q in (queue, queue + "_dlq") for name in (queue_table(q), archive_table(q))]
+    grantee = sql.Identifier(role)
+    statements = [
+        sql.SQL("GRANT USAGE ON SCHEMA pgmq, pgworker TO {r}").format(r=grantee),
+        sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {tables} TO {r}").format(
+            tables=sql.SQL(", ").join(sql.SQL("pgmq.{}").format(t) for t in tables), r=grantee
+        ),
+        sql.SQL("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA pgmq TO {r}").format(r=grantee),
+        sql.SQL("GRANT SELECT ON pgmq.meta, pgworker.meta TO {r}").format(r=grantee),
+        sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON pgworker.waiters TO {r}").format(r=grantee),
+    ]
+    return sql.SQL("; ").join(statements)
+
+
 def create_wakeup_trigger(queue: str) -> sql.Composed:
     return sql.SQL(
         "CREATE OR REPLACE TRIGGER pg_worker_wakeup AFTER INSERT ON pgmq.{table} "
