@@ -167,9 +167,13 @@ class Executor:
                 error = RuntimeError(f"the worker process died {deaths} times while running this message alone")
                 await self._give_up(lease, job, handler, error, "killed_worker", time.perf_counter())
                 return
-            await self._gate.enter_solo()
-        else:
-            await self._gate.enter()
+        try:
+            await (self._gate.enter_solo() if solo else self._gate.enter())
+        except asyncio.CancelledError:
+            if not self.shutting_down:
+                raise
+            self.interrupted.append(lease)  # never started: handed back at shutdown
+            return
         try:
             # What finished before must be on record before a suspect runs: if it kills the process, the
             # jobs that succeeded next to it must not come back as suspects themselves.
