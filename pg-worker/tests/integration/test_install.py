@@ -176,8 +176,8 @@ async def test_two_workers_with_one_worker_id_the_second_is_refused(db_url: str)
 async def test_a_worker_role_that_owns_nothing_works_with_the_grants_install_gives_it(db_url: str) -> None:
     from psycopg.conninfo import make_conninfo
 
-    from helpers import dlq_messages
-    from pg_worker import App, Job, PermanentFailure, Producer, RetryPolicy, WorkerConfig
+    from helpers import running_worker, wait_until
+    from pg_worker import App, Job, PermanentFailure, Producer, RetryPolicy
 
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("DROP ROLE IF EXISTS pgw_runner")
@@ -201,10 +201,16 @@ async def test_a_worker_role_that_owns_nothing_works_with_the_grants_install_giv
             ok = producer.enqueue("jobs", {})
             retried = producer.enqueue("jobs", {"fail": True})
             producer.enqueue("jobs", {"doomed": True})
-        await asyncio.wait_for(pg_worker.run_worker(app, as_runner, WorkerConfig(worker_id="runner"), stop_when_idle=True), timeout=30)
-        assert sorted(done) == [ok, retried]
-        assert len(await dlq_messages(db_url, "jobs")) == 1
+        async with running_worker(app, as_runner, worker_id="runner"):
+            await wait_until(lambda: sorted(done) == [ok, retried], what="both jobs, one after a retry")
+            await wait_until(lambda: _dlq_size(db_url), what="the dead letter")
     finally:
         with psycopg.connect(db_url, autocommit=True) as conn:
             conn.execute("DROP OWNED BY pgw_runner")
             conn.execute("DROP ROLE pgw_runner")
+
+
+async def _dlq_size(url: str) -> int:
+    from helpers import dlq_messages
+
+    return len(await dlq_messages(url, "jobs"))
