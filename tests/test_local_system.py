@@ -59,11 +59,24 @@ def dev_dir() -> Iterator[Path]:
     # open, which every new pytest session on this machine resets (see pg-worker/tests/conftest.py, pg_tmp_root).
     path = Path(tempfile.mkdtemp(prefix="wl-dev-"))
     yield path
-    left = postmaster(path / "postgres")
-    if left is not None:  # a failed test must not leak it
+    # A failed test must not leak a part (each carries DEV_DATA_DIR in its environment) or the server.
+    leaked = [p for p in psutil.process_iter() if _environ(p).get("DEV_DATA_DIR") == str(path / "data")]
+    for process in leaked:
+        process.kill()
+    psutil.wait_procs(leaked, timeout=10)
+    left = postmaster(path / "data" / "postgres")
+    if left is not None:
         left.terminate()
         left.wait(30)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _environ(process: psutil.Process) -> dict[str, str]:
+    try:
+        environ: dict[str, str] = process.environ()
+        return environ
+    except psutil.Error:
+        return {}
 
 
 @dataclass
