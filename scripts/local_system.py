@@ -19,6 +19,7 @@ import os
 import secrets
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -63,6 +64,11 @@ class Config:
             stop_timeout=float(env.get("DEV_STOP_TIMEOUT") or 30),
             database_url=env.get("DATABASE_URL", "").strip() or None,
         )
+
+    def __post_init__(self) -> None:
+        # A shell that sourced dev.env carries the URL of our own embedded server: that is "no DATABASE_URL".
+        if self.database_url and f"host={self.data_dir / 'postgres'}" in self.database_url:
+            self.database_url = None
 
     @property
     def env_file(self) -> Path:
@@ -199,13 +205,23 @@ def write_env_file(config: Config, database_url: str) -> dict[str, str]:
 
 
 def child_env(values: dict[str, str]) -> dict[str, str]:
-    # The parts read only what we give them: no WEBHOOK_/PG_WORKER_/WL_ settings leak in from the caller's shell
-    # except log settings, which stay the caller's choice.
-    keep = ("PG_WORKER_LOG_LEVEL", "PG_WORKER_LOG_FORMAT", "WEBHOOK_LOG_LEVEL", "WEBHOOK_LOG_FORMAT")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WEBHOOK_", "PG_WORKER_", "WL_")) or k in keep}
+    # The caller's other settings (log level, WL_RECONCILE_INTERVAL, ...) pass through; what we set wins, and a
+    # WEBHOOK_DATABASE_URL, which payment-webhook would prefer to DATABASE_URL, must not point it elsewhere.
+    env = {k: v for k, v in os.environ.items() if k != "WEBHOOK_DATABASE_URL"}
     env.update(values)
     env["PATH"] = f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def check_ports_free(config: Config) -> None:
+    """Fail at once, naming the variable to change, rather than after the migrations with a part's bind error."""
+    for variable, port in (("DEV_ROUTER_PORT", config.router_port), ("DEV_WORKER_PORT", config.worker_port), ("DEV_WEBHOOK_PORT", config.webhook_port)):
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no obstacle
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as exc:
+                raise ChildFailed(f"port {port} on 127.0.0.1 is not free ({exc.strerror}): set {variable} to another port") from None
 
 
 def start_system(sup: Supervisor, database_url: str) -> None:
@@ -228,11 +244,13 @@ def start_system(sup: Supervisor, database_url: str) -> None:
 
 
 def banner(config: Config, database_url: str) -> str:
+    from pg_worker import redact_url
+
     env_file = os.path.relpath(config.env_file) if config.env_file.is_relative_to(Path.cwd()) else str(config.env_file)
     return "\n".join([
         "",
         "local system ready (Ctrl-C stops everything)",
-        f"  database  {database_url}",
+        f"  database  {redact_url(database_url)}",
         f"  router    {config.router_url}/rest/ip/firewall/address-list  (RouterOS simulator; user admin, password in {env_file})",
         f"  worker    http://127.0.0.1:{config.worker_port}/readyz  /metrics",
         f"  webhook   {config.webhook_url}/webhooks/standard  /readyz  /metrics",
@@ -253,6 +271,7 @@ def main() -> int:
     server: Any = None
     status = 0
     try:
+        check_ports_free(config)
         if config.database_url:
             database_url = config.database_url
         else:

@@ -88,9 +88,9 @@ class Dev:
     data_dir: Path
 
     @classmethod
-    def start(cls, data_dir: Path, ports: dict[str, int], name: str) -> Dev:
+    def start(cls, data_dir: Path, ports: dict[str, int], name: str, **extra: str) -> Dev:
         env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith(("WEBHOOK_", "WL_", "PG_WORKER_", "DEV_"))}
-        env.update({f"DEV_{k}": str(v) for k, v in ports.items()}, DEV_DATA_DIR=str(data_dir))
+        env.update({f"DEV_{k}": str(v) for k, v in ports.items()}, DEV_DATA_DIR=str(data_dir), **extra)
         log = data_dir.parent / f"{name}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen([str(REPO / "scripts" / "dev")], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -212,7 +212,8 @@ def test_dev_starts_the_whole_system_the_readme_commands_work_and_ctrl_c_stops_e
     again.stop_and_check(signal.SIGTERM, group=False, status=0)  # a service manager's stop
 
     # A part that dies takes the system down, named, with a failure status.
-    again = Dev.start(data_dir, ports, "third")
+    # (from a shell that sourced dev.env: its DATABASE_URL names our own embedded server, which is not running)
+    again = Dev.start(data_dir, ports, "third", DATABASE_URL=values["DATABASE_URL"])
     family = again.family()
     worker = next(p for p in family if "run" in p.cmdline() and any(a.endswith("wl-workers") for a in p.cmdline()))
     server = postmaster(data_dir / "postgres")
@@ -224,3 +225,16 @@ def test_dev_starts_the_whole_system_the_readme_commands_work_and_ctrl_c_stops_e
     assert not server.is_running(), "./scripts/dev left its PostgreSQL running after a failure"
     _, alive = psutil.wait_procs(family, timeout=10)
     assert not alive, f"processes left behind: {[p.cmdline() for p in alive]}"
+
+
+def test_dev_refuses_a_busy_port_at_once_naming_the_variable(dev_dir: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        ports = {"ROUTER_PORT": free_port(), "WORKER_PORT": free_port(), "WEBHOOK_PORT": busy.getsockname()[1]}
+        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("DEV_")}
+        env.update({f"DEV_{k}": str(v) for k, v in ports.items()}, DEV_DATA_DIR=str(dev_dir / "data"))
+        result = subprocess.run([str(REPO / "scripts" / "dev")], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert f"port {ports['WEBHOOK_PORT']} on 127.0.0.1 is not free" in result.stderr and "set DEV_WEBHOOK_PORT" in result.stderr
+    assert not (dev_dir / "data" / "postgres").exists(), "no database was started"
