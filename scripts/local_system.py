@@ -15,6 +15,7 @@ once into ``$DEV_DATA_DIR/dev.env`` (mode 0600, never committed), which another 
 from __future__ import annotations
 
 import base64
+import ctypes
 import os
 import secrets
 import shlex
@@ -33,6 +34,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 90.0  # seconds for one part to become ready (a cold first start on a loaded machine)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 DEMO_SERVICE, PAID_SERVICE = "cust-1001", "cust-1003"  # wl_workers.simulator.DEMO_CUSTOMERS; 1003 starts suspended
 
 
@@ -102,7 +104,7 @@ class Supervisor:
 
     def spawn(self, name: str, argv: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         # process_group=0: a terminal's Ctrl-C goes to this supervisor only; each child gets exactly our SIGTERM.
-        proc = subprocess.Popen(list(argv), env=env, stdin=subprocess.DEVNULL, process_group=0)
+        proc = subprocess.Popen(list(argv), env=env, stdin=subprocess.DEVNULL, process_group=0, preexec_fn=die_with_parent(os.getpid()))
         self.children.append((name, proc))
         return proc
 
@@ -149,6 +151,22 @@ class Supervisor:
                     proc.kill()
                     proc.wait()
         self.children.clear()
+
+
+def die_with_parent(parent: int) -> Callable[[], None] | None:
+    """In the child, before exec (Linux): SIGTERM when this supervisor dies, even by SIGKILL, so no part outlives it.
+
+    (This process starts no threads, which is what makes a ``preexec_fn`` safe.)"""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # died between fork and prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 # -- the parts ------------------------------------------------------------------------------------------------

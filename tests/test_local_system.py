@@ -238,3 +238,21 @@ def test_dev_refuses_a_busy_port_at_once_naming_the_variable(dev_dir: Path) -> N
     assert result.returncode == 1, result.stderr
     assert f"port {ports['WEBHOOK_PORT']} on 127.0.0.1 is not free" in result.stderr and "set DEV_WEBHOOK_PORT" in result.stderr
     assert not (dev_dir / "data" / "postgres").exists(), "no database was started"
+
+
+@pytest.mark.slow
+def test_a_killed_dev_takes_its_parts_with_it(dev_dir: Path) -> None:
+    data_dir = dev_dir / "data"
+    dev = Dev.start(data_dir, {"ROUTER_PORT": free_port(), "WORKER_PORT": free_port(), "WEBHOOK_PORT": free_port()}, "killed")
+    family = dev.family()
+    assert len(family) == 3, [p.cmdline() for p in family]
+    dev.proc.kill()  # no handler runs: the kernel tells the parts (PR_SET_PDEATHSIG)
+    dev.proc.wait(30)
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"parts outlived a killed ./scripts/dev: {[p.cmdline() for p in alive]}"
+    # The server outlives a SIGKILL (nobody could stop it); the next start takes it over and stops it.
+    server = postmaster(data_dir / "postgres")
+    assert server is not None
+    again = Dev.start(data_dir, {"ROUTER_PORT": free_port(), "WORKER_PORT": free_port(), "WEBHOOK_PORT": free_port()}, "after-kill")
+    again.stop_and_check(signal.SIGINT, group=True, status=0)
+    server.wait(30)
