@@ -10,6 +10,9 @@ the children in reverse order (SIGTERM, then SIGKILL after ``DEV_STOP_TIMEOUT`` 
 and then releases the embedded PostgreSQL, which stops with its last user. A child that exits on its own stops the
 whole system with exit status 1, naming it. The local secrets (webhook secret, simulator password) are generated
 once into ``$DEV_DATA_DIR/dev.env`` (mode 0600, never committed), which another terminal sources to use the CLIs.
+
+The simulated router lives in memory: every start seeds it afresh, while the database keeps the services' last
+desired and applied states (``wl-workers reconcile`` makes the router follow the database again).
 """
 
 from __future__ import annotations
@@ -91,12 +94,13 @@ class Supervisor:
     stop: threading.Event = field(default_factory=threading.Event)
     children: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     signals: int = 0
+    signal_name: str = ""
 
     def on_signal(self, signum: int, _frame: object) -> None:
+        # No printing here: a handler that writes to stderr while the main code does can fail (reentrant write).
         self.signals += 1
-        if self.signals == 1:
-            say(f"{signal.Signals(signum).name}: stopping everything (again to force)")
-        else:
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+        if self.signals > 1:
             self.kill_all()
         self.stop.set()
 
@@ -309,6 +313,8 @@ def main() -> int:
         say(f"{exc}; stopping the rest")
         status = 1
     finally:
+        if sup.signal_name:
+            say(f"{sup.signal_name}: stopping everything (again to force)")
         sup.stop_all()
         if server is not None:
             server.cleanup()  # the last user stops it (atexit would too; this is before we report stopped)
