@@ -17,7 +17,7 @@ Benchmark = Callable[..., list[Row]]
 
 
 def _registry() -> dict[str, Benchmark]:
-    from . import bench_drain, bench_idle, bench_latency, bench_peers, bench_producers, bench_scale
+    from . import bench_drain, bench_idle, bench_latency, bench_peers, bench_producers, bench_scale, bench_webhook
 
     return {
         "drain": bench_drain.run,
@@ -26,6 +26,7 @@ def _registry() -> dict[str, Benchmark]:
         "scale": bench_scale.run,
         "peers": bench_peers.run,
         "idle": bench_idle.run,
+        "webhook": bench_webhook.run,
     }
 
 

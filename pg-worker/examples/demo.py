@@ -1,4 +1,4 @@
-"""The example app that ``./scripts/dev`` runs: a pretend ISP provisioning queue.
+"""An example app (see pg-worker/README.md): a pretend ISP provisioning queue.
 
 Run it yourself with ``PYTHONPATH=pg-worker/examples pg-worker run demo:app``.
 """

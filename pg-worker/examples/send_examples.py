@@ -1,4 +1,4 @@
-"""Sends the example jobs of ``./scripts/dev`` once the worker is listening.
+"""Sends the example jobs of ``demo:app`` (see pg-worker/README.md) once the worker is listening.
 
 Three of them fail on purpose (a permanent failure, an invalid payload, an unknown type) to show dead-lettering.
 They carry the header ``{"example": "scripts/dev"}``; before sending, the dead letters of earlier runs with that

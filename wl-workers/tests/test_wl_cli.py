@@ -92,6 +92,10 @@ def test_demo_seed_matches_the_seeded_simulator(wl_db: str, cli: Cli, router_pas
         code, out, _ = cli(wl_db, "demo-seed", "--url", sim.url, "--username", "api", "--password-ref", "env:WL_TEST_ROUTER_PASSWORD")
         assert code == 0 and "cust-1001" in out
         assert cli(wl_db, "demo-seed", "--url", sim.url)[0] == 0, "idempotent"
+        assert cli(wl_db, "demo-seed", "--url", "http://127.0.0.1:1")[0] == 0
+        code, out, _ = cli(wl_db, "device", "show", "demo-router")
+        assert code == 0 and '"port": 1,' in out, "an existing demo router follows --url (the simulator moved)"
+        assert cli(wl_db, "demo-seed", "--url", sim.url)[0] == 0
         report = asyncio.run(reconcile(wl_db, fast_settings(), dry_run=True))
         assert report.checked == 5 and report.differences == [] and report.errors == []
 
@@ -119,7 +123,7 @@ async def test_simulate_router_command(router_password: str) -> None:
             state = (await client.post("/__sim__/control", json={"action": "reboot"})).json()
             assert state["reboots"] == 1
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
         code = await asyncio.to_thread(proc.wait, 10)
     assert code == 0 and time.monotonic() - started < 10

@@ -43,7 +43,7 @@ class WorkerConfig:
     degraded_poll_interval: float = 5.0
     missed_wakeup_bound: float = 1.0
     shutdown_grace: float = 30.0
-    listen_reconnect_max: float = 10.0
+    listen_reconnect_max: float = 1.0
     db_retry_max: float = 1.0
     sync_threads: int | None = None
     auto_install: bool = True

@@ -80,6 +80,11 @@ class Database:
             open=False,
             name="pg-worker",
             timeout=config.pool_timeout,
+            # psycopg_pool retries a failed connection with a backoff that doubles without bound (1, 2, 4, 8 s...):
+            # after an outage the pool would wait seconds before trying again. Giving up after a short while
+            # lets the next request start a fresh attempt at once, and our callers already back off (at most
+            # db_retry_max), so work resumes within about that of the database being back.
+            reconnect_timeout=max(1.0, 2 * config.db_retry_max),
             configure=self._configure_connection,
         )
         self._abandoned: set[asyncio.Task[list[Row]]] = set()

@@ -167,9 +167,13 @@ class Executor:
                 error = RuntimeError(f"the worker process died {deaths} times while running this message alone")
                 await self._give_up(lease, job, handler, error, "killed_worker", time.perf_counter())
                 return
-            await self._gate.enter_solo()
-        else:
-            await self._gate.enter()
+        try:
+            await (self._gate.enter_solo() if solo else self._gate.enter())
+        except asyncio.CancelledError:
+            if not self.shutting_down:
+                raise
+            self.interrupted.append(lease)  # never started: handed back at shutdown
+            return
         try:
             # What finished before must be on record before a suspect runs: if it kills the process, the
             # jobs that succeeded next to it must not come back as suspects themselves.
@@ -340,8 +344,10 @@ class Executor:
         if written is False:
             self._finish(job, Outcome.LEASE_LOST, started, exc, handler, why=lease.lost, operation="retry")
             return
-        if written:
-            self._on_retry(job.queue, delay)
+        if written is None:  # the database failed: the message comes back after its lease instead
+            self._finish(job, Outcome.FAILED, started, exc, handler, retry_in_s=round(delay, 3))
+            return
+        self._on_retry(job.queue, delay)
         self._finish(job, Outcome.RETRIED, started, exc, handler, retry_in_s=round(delay, 3))
 
     async def _give_up(self, lease: Lease, job: Job[Any], handler: Handler, exc: BaseException, reason: str, started: float) -> None:

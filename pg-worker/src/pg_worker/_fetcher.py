@@ -132,7 +132,7 @@ class Fetchers:
             if plan.work_due:
                 must_drain = True
                 continue
-            if stop_when_idle and not plan.in_flight and not self._leases:
+            if stop_when_idle and not plan.in_flight:
                 return
             if plan.in_flight:
                 if recheck is None:
@@ -270,6 +270,8 @@ class Fetchers:
             q.held_seen = None
             return None
         msg_id, until = int(next_held[0]), float(next_held[1])
+        if self._leases.holds(q.name, msg_id):
+            return None  # our own job: it wakes nobody when it ends
         seen = q.held_seen[1] if q.held_seen is not None and q.held_seen[0] == msg_id else 0
         q.held_seen = (msg_id, seen + 1)
         if seen == 0:

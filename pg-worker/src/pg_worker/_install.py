@@ -131,8 +131,11 @@ async def _ensure_queue(conn: psycopg.AsyncConnection[tuple[object, ...]], queue
         report.created_triggers.append(queue)
 
 
-async def install(conninfo: str, queues: Iterable[str], *, lock_timeout: float = 10.0) -> InstallReport:
+async def install(conninfo: str, queues: Iterable[str], *, lock_timeout: float = 10.0, grant_to: Iterable[str] = ()) -> InstallReport:
     """Make the database ready for workers of ``queues``; returns what it had to do.
+
+    ``grant_to``: roles that run workers without owning anything (least privilege): they get exactly the
+    rights a worker of these queues needs.
 
     ``lock_timeout``: how long a DDL statement may wait for a lock (a long transaction on a queue) before
     install fails, instead of queueing every producer and worker of that queue behind its lock request."""
@@ -149,6 +152,8 @@ async def install(conninfo: str, queues: Iterable[str], *, lock_timeout: float =
             await conn.execute(_sql.SET_META, ("pgmq_sql_version", report.pgmq_version))
         for name in names:
             await _ensure_queue(conn, name, report)
+            for role in grant_to:
+                await conn.execute(_sql.grant_worker(role, name))
     logger.info(
         "install_finished",
         extra={

@@ -55,6 +55,9 @@ class LeaseKeeper:
     def __len__(self) -> int:
         return len(self._leases)
 
+    def holds(self, queue: str, msg_id: int) -> bool:
+        return (queue, msg_id) in self._leases
+
     def hold(self, queue: QueueConfig, msg_id: int, read_ct: int, sent_at: float) -> Lease:
         """Start holding a delivery read by a statement sent at ``sent_at`` (monotonic)."""
         expires_at = sent_at + queue.visibility_timeout

@@ -104,6 +104,23 @@ SELECT EXISTS (
 WAKEUP_FUNCTION_OK = "SELECT to_regprocedure('pgworker.wake_waiting_workers()') IS NOT NULL"
 
 
+def grant_worker(role: str, queue: str) -> sql.Composed:
+    """What a worker role that owns nothing needs: read and write the queue, its archive and its DLQ (pgmq's
+    functions run with the caller's rights), send to the DLQ, and keep its waiting marks."""
+    tables = [sql.Identifier(name) for q in (queue, queue + "_dlq") for name in (queue_table(q), archive_table(q))]
+    grantee = sql.Identifier(role)
+    statements = [
+        sql.SQL("GRANT USAGE ON SCHEMA pgmq, pgworker TO {r}").format(r=grantee),
+        sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {tables} TO {r}").format(
+            tables=sql.SQL(", ").join(sql.SQL("pgmq.{}").format(t) for t in tables), r=grantee
+        ),
+        sql.SQL("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA pgmq TO {r}").format(r=grantee),
+        sql.SQL("GRANT SELECT ON pgmq.meta, pgworker.meta TO {r}").format(r=grantee),
+        sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON pgworker.waiters TO {r}").format(r=grantee),
+    ]
+    return sql.SQL("; ").join(statements)
+
+
 def create_wakeup_trigger(queue: str) -> sql.Composed:
     return sql.SQL(
         "CREATE OR REPLACE TRIGGER pg_worker_wakeup AFTER INSERT ON pgmq.{table} "
@@ -406,6 +423,13 @@ def _capped_count(table: sql.Identifier, where: str, limit: int) -> sql.Composed
     )
 
 
+def existing_queue_table(queue: str) -> str:
+    """pgmq's table for a queue that already exists, whatever its name (``pgmq.format_table_name``)."""
+    if '"' in queue or "\x00" in queue:
+        raise ValueError(f"unexpected character in queue name {queue!r}")
+    return f"q_{queue}".lower()
+
+
 def queue_stats(queues: list[str], with_dlq: set[str], limit: int = EXACT_COUNT_LIMIT) -> sql.Composed:
     """Depth, visible, in flight, delayed, oldest age, DLQ depth, estimated?, messages ever sent: per queue.
 
@@ -415,10 +439,12 @@ def queue_stats(queues: list[str], with_dlq: set[str], limit: int = EXACT_COUNT_
     """
     branches = []
     for queue in queues:
-        table = sql.Identifier(queue_table(queue))
-        dlq = sql.Identifier(queue_table(queue + "_dlq"))
-        regclass = sql.Literal(f"pgmq.{queue_table(queue)}")
-        dlq_regclass = sql.Literal(f"pgmq.{queue_table(queue + '_dlq')}")
+        # Any name pgmq holds (queues made by others may be mixed case or long): pgmq's own table naming,
+        # always quoted as an identifier or bound as a literal, never spliced in as text.
+        table = sql.Identifier(existing_queue_table(queue))
+        dlq = sql.Identifier(existing_queue_table(queue + "_dlq"))
+        regclass = sql.Literal(f'pgmq."{existing_queue_table(queue)}"')
+        dlq_regclass = sql.Literal(f'pgmq."{existing_queue_table(queue + "_dlq")}"')
         dlq_depth = _capped_count(dlq, "true", limit) if queue in with_dlq else sql.SQL("0")
         branches.append(
             sql.SQL(
@@ -435,7 +461,7 @@ def queue_stats(queues: list[str], with_dlq: set[str], limit: int = EXACT_COUNT_
                 WHERE c.oid = {reg}::regclass
                 """
             ).format(
-                name=sql.Literal(validate_queue_name(queue)),
+                name=sql.Literal(queue),
                 limit=sql.Literal(limit),
                 t=table,
                 reg=regclass,

@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
+
+import psycopg
 
 from . import _sql
 from ._app import App
@@ -31,6 +33,24 @@ from ._listener import Listener
 from ._slots import Slots
 
 logger = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
+
+# The server's own word that this database can never work as configured: retrying cannot help.
+_PERMANENT_SQLSTATES = {"3D000", "28000", "28P01"}  # no such database; role / authorization; bad password
+_PERMANENT_TEXT = ("does not exist", "password authentication failed", "no pg_hba.conf entry")
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    if not isinstance(exc, psycopg.Error):
+        return False
+    if getattr(exc, "sqlstate", None) in _PERMANENT_SQLSTATES:
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        text = str(exc)
+        return "FATAL" in text and any(t in text for t in _PERMANENT_TEXT)
+    return isinstance(exc, psycopg.ProgrammingError)  # a malformed connection string
 
 
 class WorkerCrashed(RuntimeError):
@@ -115,7 +135,6 @@ class Worker:
             self.app, leases, completer, self.observers, self.health, threads, on_retry=lambda queue, delay: fetch_states[queue].retry_scheduled(delay)
         )
         self._fetchers = fetchers = Fetchers(self.config, fetch_states, db, slots, leases, completer, self.observers, stop, self._start_job)
-        await db.open()
         try:
             if not await self._start_up(db):
                 return
@@ -144,20 +163,22 @@ class Worker:
     # -- start-up -------------------------------------------------------------------------------------------
 
     async def _start_up(self, db: Database) -> bool:
-        """Check (or create) queues and wakeup triggers; wait for the database if it is not up yet."""
+        """Connect (once directly, so that a failure says libpq's reason at once), check or create queues and
+        wakeup triggers, then open the pool. A database that can never work (missing, bad credentials) is a
+        :class:`SetupError` at once; an unreachable one is retried with backoff until it answers or we stop."""
         assert self._stop is not None
         failures = 0
         while not self._stop.is_set():
             try:
-                async with db.connection() as conn, conn.transaction():
-                    problems = await check_setup(conn, self.app.queues)
-                    if self.config.listen:
-                        await conn.execute(_sql.DELETE_STALE_MARKS)
+                problems = await self._until_stopped(self._check_database())
+                if problems is None:
+                    return False
                 if problems:
                     if not self.config.auto_install:
                         raise SetupError("database not ready: " + "; ".join(problems) + " (run `pg-worker install`)")
                     logger.info("auto_install", extra={"event": "auto_install", "problems": problems})
                     await install(self.conninfo, self.app.queues)
+                await db.open()
                 self.health.started = True
                 logger.info(
                     "worker_started",
@@ -171,12 +192,37 @@ class Worker:
                 )
                 return True
             except DB_ERRORS as exc:
+                if _is_permanent(exc):
+                    raise SetupError(f"cannot use the database: {str(exc).strip()}") from exc
                 failures += 1
                 delay = db.backoff(failures)
-                db.failed("startup", exc, retry_in=delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
+                db.failed("startup", exc, retry_in=round(delay, 3), attempt=failures)
+                await self._until_stopped(asyncio.sleep(delay))
         return False
+
+    async def _check_database(self) -> list[str]:
+        async with await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True, **connection_kwargs(self.config)) as conn:
+            async with conn.transaction():
+                problems = await check_setup(conn, self.app.queues)
+                if self.config.listen and not problems:
+                    await conn.execute(_sql.DELETE_STALE_MARKS)
+            return problems
+
+    async def _until_stopped(self, work: Coroutine[Any, Any, T]) -> T | None:
+        """``work``'s result, or None as soon as a stop is requested (SIGINT during start-up ends at once)."""
+        assert self._stop is not None
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        return None
 
     # -- supervision ----------------------------------------------------------------------------------------
 

@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     inst = commands.add_parser("install", help="install pgmq, pg-worker's schema, the queues and their wakeup triggers")
     inst.add_argument("app", nargs="?", default=None, help="take the queues from this App ('module:attribute') [env: PG_WORKER_APP]")
     inst.add_argument("--queue", action="append", default=[], help="a queue to create (repeatable)")
+    inst.add_argument("--grant", action="append", default=[], metavar="ROLE", help="grant a worker role that owns nothing what it needs on these queues (repeatable)")
     _common(inst)
 
     send = commands.add_parser("send", help="send one job")
@@ -219,7 +220,7 @@ def _cmd_install(args: argparse.Namespace, settings: WorkerSettings) -> int:
     if settings.app:
         queues += [q for q in load_app(settings.app).queues if q not in queues]
     url, _server = _database(settings)
-    report = asyncio.run(install(url, queues))
+    report = asyncio.run(install(url, queues, grant_to=args.grant))
     print(
         f"pgmq {report.pgmq_version} ({report.pgmq_source}); "
         f"queues created: {', '.join(report.created_queues) or 'none'}; "

@@ -206,3 +206,18 @@ def test_install_from_the_cli_reports_what_it_did(db_url: str) -> None:
     assert cli(db_url, "install", "--queue", "Alpha").returncode == 2
     with psycopg.connect(db_url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM pgmq.meta").fetchone() == (2,)
+
+
+def test_queues_and_status_list_queues_pg_worker_would_not_create(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("SELECT pgmq.create('Billing_Events')")  # mixed case: made by another tool
+        conn.execute("SELECT pgmq.create(%s)", ("q" * 45,))  # longer than pg-worker's own limit
+        conn.execute("SELECT pgmq.send('Billing_Events', '{}')")
+    listed = cli(db_url, "queues", "--json")
+    assert listed.returncode == 0, listed.stderr
+    stats = {row["queue"]: row for row in json.loads(listed.stdout)}
+    assert stats["Billing_Events"]["depth"] == 1
+    assert "q" * 45 in stats
+    status = cli(db_url, "status")
+    assert status.returncode == 0, status.stderr
+    assert "Billing_Events" in status.stdout

@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 
 import pg_worker
 from helpers import RecordingObserver, dlq_messages, expire, marks, queue_rows, read_one, running_worker, wait_until
-from pg_worker import App, Job, Outcome, PollSchedule, Producer, RetryPolicy, WorkerConfig
+from pg_worker import App, Job, Outcome, PollSchedule, Producer, RetryPolicy, WakeupSource, WorkerConfig
 from test_resilience import WorkerProcess
 
 TEN_MINUTES = PollSchedule(interval=600)
@@ -211,3 +211,46 @@ async def test_a_dead_letter_masks_secrets_in_the_error_it_stores(db_url: str, p
     stored = str(Jsonb(dead["error"]).obj)
     assert "hunter2" not in stored
     assert "[redacted]" in dead["error"]["message"]
+
+
+async def test_a_failure_whose_retry_cannot_be_recorded_is_reported_as_failed(db_url: str, producer: Producer) -> None:
+    app = App()
+    app.queue("jobs", visibility_timeout=2)
+
+    @app.handler("jobs")
+    async def handle(job: Job[dict[str, Any]]) -> None:
+        if job.attempt == 1:
+            # The database drops the worker's connections while the handler runs: recording the retry fails.
+            async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+                await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            raise TimeoutError("router slow")
+
+    await pg_worker.install(db_url, ["jobs"])
+    observer = RecordingObserver()
+    async with running_worker(app, db_url, observer, poll=PollSchedule(interval=0.5)):
+        producer.enqueue("jobs", {})
+        await wait_until(lambda: observer.outcomes(Outcome.SUCCEEDED), limit=10, what="second attempt after the lease")
+    assert [f.outcome for f in observer.finished] == [Outcome.FAILED, Outcome.SUCCEEDED]
+
+
+async def test_an_idle_worker_does_not_wake_at_every_renewal_of_another_workers_long_job(db_url: str, producer: Producer) -> None:
+    app = App()
+    app.queue("long", visibility_timeout=1)
+    release = asyncio.Event()
+
+    @app.handler("long")
+    async def handle(job: Job[dict[str, Any]]) -> None:
+        await release.wait()
+
+    await pg_worker.install(db_url, ["long"])
+    busy, idle = RecordingObserver(), RecordingObserver()
+    async with running_worker(app, db_url, busy, poll=TEN_MINUTES, worker_id="busy"):
+        producer.enqueue("long", {})
+        await wait_until(lambda: busy.started, what="long job")
+        async with running_worker(app, db_url, idle, poll=TEN_MINUTES, worker_id="idle"):
+            await asyncio.sleep(4.5)  # the lease is renewed every 0.5 s meanwhile
+            wakeups = [s for _, s, _ in idle.wakeups if s is not WakeupSource.STARTUP]
+        release.set()
+        await wait_until(lambda: busy.outcomes(Outcome.SUCCEEDED), what="long job done")
+    assert len(wakeups) <= 2, f"{len(wakeups)} wakeups of an idle worker in 4.5 s (at the lease end, then backing off)"
+    assert not idle.started, "and it never ran the held job"

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import psycopg.conninfo
@@ -170,3 +171,46 @@ async def test_two_workers_with_one_worker_id_the_second_is_refused(db_url: str)
         second = Worker(app, db_url, WorkerConfig(worker_id="replica"))
         with pytest.raises(SetupError, match="worker id 'replica' is in use"):
             await asyncio.wait_for(second.run(), timeout=15)
+
+
+async def test_a_worker_role_that_owns_nothing_works_with_the_grants_install_gives_it(db_url: str) -> None:
+    from psycopg.conninfo import make_conninfo
+
+    from helpers import running_worker, wait_until
+    from pg_worker import App, Job, PermanentFailure, Producer, RetryPolicy
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS pgw_runner")
+        conn.execute("CREATE ROLE pgw_runner LOGIN")
+    try:
+        await pg_worker.install(db_url, ["jobs"], grant_to=["pgw_runner"])
+        as_runner = make_conninfo(db_url, user="pgw_runner")
+        app = App()
+        app.queue("jobs", retry=RetryPolicy(max_attempts=2, base_delay=0.01, jitter=0))
+        done: list[int] = []
+
+        @app.handler("jobs")
+        async def handle(job: Job[dict[str, Any]]) -> None:
+            if job.payload.get("fail") and job.attempt == 1:
+                raise TimeoutError("once")
+            if job.payload.get("doomed"):
+                raise PermanentFailure("no such customer")
+            done.append(job.msg_id)
+
+        with Producer(as_runner) as producer:
+            ok = producer.enqueue("jobs", {})
+            retried = producer.enqueue("jobs", {"fail": True})
+            producer.enqueue("jobs", {"doomed": True})
+        async with running_worker(app, as_runner, worker_id="runner"):
+            await wait_until(lambda: sorted(done) == [ok, retried], what="both jobs, one after a retry")
+            await wait_until(lambda: _dlq_size(db_url), what="the dead letter")
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("DROP OWNED BY pgw_runner")
+            conn.execute("DROP ROLE pgw_runner")
+
+
+async def _dlq_size(url: str) -> int:
+    from helpers import dlq_messages
+
+    return len(await dlq_messages(url, "jobs"))

@@ -7,7 +7,6 @@ import asyncio
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -315,51 +314,3 @@ def test_a_killed_cli_leaves_no_handle_that_keeps_the_server_alive(embedded_dir:
     assert "embedded_postgres_stale_handles" in err
     postmaster.wait(30)
     assert not postmaster.is_running(), "the stale handle kept the server alive"
-
-
-# --- item 9 / item 2: ./scripts/dev, started twice and stopped with Ctrl-C ------------------------------------
-
-def _dev_state(data_dir: Path) -> tuple[int, int] | None:
-    """(messages left in provisioning, dead letters), or None while the database is not ready."""
-    try:
-        with psycopg.connect(f"postgresql://postgres@/postgres?host={data_dir}", autocommit=True, connect_timeout=2) as conn:
-            row = conn.execute("SELECT (SELECT count(*) FROM pgmq.q_provisioning), (SELECT count(*) FROM pgmq.q_provisioning_dlq)").fetchone()
-    except psycopg.Error:
-        return None
-    return (int(row[0]), int(row[1])) if row else None
-
-
-def _dev_run(data_dir: Path, log: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PG_WORKER_APP", "COLUMNS")}
-    env.update(PG_WORKER_DATA_DIR=str(data_dir), PG_WORKER_METRICS_PORT="0", PG_WORKER_LOG_FORMAT="json")
-    with log.open("w") as out:
-        dev = subprocess.Popen([str(REPO / "scripts" / "dev")], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while _dev_state(data_dir) != (0, 3) or not re.search(r"examples_sent|sent 6 example jobs", log.read_text()):
-            assert dev.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"examples not done: {_dev_state(data_dir)}\n{log.read_text()[-3000:]}"
-            time.sleep(0.2)
-        family = psutil.Process(dev.pid).children(recursive=True)
-        zombies = [p.pid for p in family if p.status() == psutil.STATUS_ZOMBIE]
-        assert not zombies, f"zombie processes under ./scripts/dev: {zombies}"
-        postmaster = _postmaster(data_dir)
-        assert postmaster is not None
-        os.killpg(dev.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        assert dev.wait(60) == 0, log.read_text()[-3000:]
-    finally:
-        if dev.poll() is None:
-            os.killpg(dev.pid, signal.SIGKILL)
-            dev.wait(30)
-    postmaster.wait(30)
-    assert not postmaster.is_running(), "./scripts/dev left its PostgreSQL running"
-    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "processes left behind"
-    assert all(json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")), "JSON logs"
-
-
-@pytest.mark.slow
-def test_dev_script_reaps_its_producer_keeps_three_dead_letters_and_stops_everything_on_ctrl_c(tmp_path: Path, pg_tmp_root: Path) -> None:
-    data_dir = pg_tmp_root / "dev" / "data"
-    data_dir.parent.mkdir()
-    _dev_run(data_dir, tmp_path / "first.log")
-    _dev_run(data_dir, tmp_path / "second.log")  # the dead-letter queue holds the same three, not six

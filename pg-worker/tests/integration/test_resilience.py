@@ -256,3 +256,44 @@ async def test_while_listen_cannot_connect_the_worker_polls_and_says_so(db_url: 
     failures = [r for r in caplog.records if r.getMessage() == "listen_connect_failed"]
     assert failures, "the log says that LISTEN is down"
     assert failures[0].polling_every_s == 0.3
+
+
+@pytest.mark.slow
+async def test_after_a_postgres_restart_under_load_work_resumes_within_a_second_and_the_backlog_drains_at_full_speed(pg_server: PgServer, db_url: str) -> None:
+    app = App()
+    app.queue("jobs", batch_size=50)
+    handled: list[float] = []
+    app.add_handler("jobs", lambda job: handled.append(time.monotonic()))
+    stop_producing = asyncio.Event()
+
+    async def produce() -> None:
+        """About 600 jobs/s in batches of 20, through outages (bounded: it stops when told, at most 60 s)."""
+        deadline = time.monotonic() + 60
+        while not stop_producing.is_set() and time.monotonic() < deadline:
+            try:
+                async with await psycopg.AsyncConnection.connect(db_url, autocommit=True, connect_timeout=2) as conn:
+                    while not stop_producing.is_set() and time.monotonic() < deadline:
+                        await conn.execute("SELECT pgmq.send_batch('jobs', array_fill('{}'::jsonb, ARRAY[20]))")
+                        await asyncio.sleep(0.033)
+            except psycopg.OperationalError:
+                await asyncio.sleep(0.05)
+
+    await pg_worker.install(db_url, ["jobs"])
+    async with running_worker(app, db_url, RecordingObserver(), poll=TEN_MINUTES, concurrency=100):
+        producer = asyncio.create_task(produce())
+        try:
+            await asyncio.sleep(3.0)
+            before = sum(1 for t in handled if t > time.monotonic() - 2.0) / 2.0
+            await asyncio.to_thread(pg_server.pg_ctl, "stop", "-m", "fast", "-w")
+            await asyncio.sleep(10.0)  # long enough for reconnect backoffs to grow (the pool's 1, 2, 4, 8 s; LISTEN's)
+            await asyncio.to_thread(pg_server.pg_ctl, "start", "-w", "-o", f"-h '' -k {pg_server.handle.get_postmaster_info().socket_dir}", "-l", str(pg_server.handle.log))
+            back = time.monotonic()
+            await wait_until(lambda: handled and handled[-1] > back, limit=15, what="work after the restart")
+            first = handled[-1] - back
+            await asyncio.sleep(4.0)
+            after = sum(1 for t in handled if back + 1.0 < t <= back + 4.0) / 3.0
+        finally:
+            stop_producing.set()
+            await producer
+    assert first < 1.0, f"the first job ran {first:.2f}s after the database was back"
+    assert after > 0.8 * before, f"{after:.0f} jobs/s in the seconds after the restart, {before:.0f} before"

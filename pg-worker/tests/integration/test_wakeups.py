@@ -11,7 +11,7 @@ import pytest
 
 import pg_worker
 from helpers import RecordingObserver, marks, running_worker, wait_until
-from pg_worker import App, Job, PollSchedule, Producer, WakeupSource
+from pg_worker import App, Job, Outcome, PollSchedule, Producer, WakeupSource
 
 TEN_MINUTES = PollSchedule(interval=600)
 
@@ -156,3 +156,65 @@ async def test_pgmq_own_notify_trigger_does_block_producers_for_contrast(db_url:
         with pytest.raises(psycopg.errors.LockNotAvailable):
             await second.execute("SELECT pgmq.send('contrast', '{}')")
         await first.rollback()
+
+
+async def test_notify_wakeups_never_outnumber_the_notifications_under_a_steady_trickle(db_url: str) -> None:
+    """Re-drains after a check found new work are not wakeups: each wakeup is counted once, by its source."""
+    app = App()
+    app.queue("trickle", batch_size=5)
+
+    @app.handler("trickle")
+    async def handle(job: Job[dict[str, Any]]) -> None:
+        await asyncio.sleep(0.002)
+
+    await pg_worker.install(db_url, ["trickle"])
+    observer = RecordingObserver()
+    async with running_worker(app, db_url, observer, poll=TEN_MINUTES, concurrency=10):
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            for _ in range(150):  # bounded: 150 messages, about one every 4 ms
+                await conn.execute("SELECT pgmq.send('trickle', '{}')")
+                await asyncio.sleep(0.004)
+        await wait_until(lambda: len(observer.outcomes(Outcome.SUCCEEDED)) == 150, limit=20, what="all jobs")
+    sources = [s for _, s, _ in observer.wakeups]
+    assert sources.count(WakeupSource.STARTUP) == 1
+    assert sources.count(WakeupSource.NOTIFY) <= observer.notifications
+
+
+async def test_the_recheck_judges_running_producers_in_its_own_snapshot(db_url: str) -> None:
+    """Forced interleaving: a producer commits after the re-check's snapshot was taken. A live status check would
+    call it finished while its message is still invisible to the snapshot (a missed wakeup)."""
+    from pg_worker._sql import recheck
+
+    await pg_worker.install(db_url, ["snap"])
+    async with await psycopg.AsyncConnection.connect(db_url) as producer, await psycopg.AsyncConnection.connect(db_url) as checker:
+        await producer.execute("SELECT pgmq.send('snap', '{}')")
+        cur = await producer.execute("SELECT pg_current_xact_id()::text")
+        row = await cur.fetchone()
+        assert row is not None
+        xid = row[0]
+        # The re-check's snapshot, taken while the producer runs (REPEATABLE READ pins it for the next statement).
+        await checker.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        await checker.execute("SELECT 1")
+        await producer.commit()
+        cur = await checker.execute(recheck("snap"), {"xids": [xid]})
+        checked = await cur.fetchone()
+        assert checked is not None
+        in_flight, next_vt = checked[0], checked[1]
+        await checker.rollback()
+    assert next_vt is None, "the snapshot does not see the message..."
+    assert in_flight == [xid], "...so the producer must still count as running, and the worker re-check again"
+
+
+async def test_a_message_with_an_absurd_visibility_time_does_not_break_the_sleep_check(db_url: str, producer: Producer) -> None:
+    started: dict[int, float] = {}
+    app = _timing_app("absurd", started)
+    await pg_worker.install(db_url, ["absurd"])
+    stuck = producer.enqueue("absurd", {})
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE pgmq.q_absurd SET vt = 'infinity' WHERE msg_id = %s", (stuck,))
+    observer = RecordingObserver()
+    async with running_worker(app, db_url, observer, poll=TEN_MINUTES):
+        msg_id = producer.enqueue("absurd", {})
+        await wait_until(lambda: msg_id in started, limit=3, what="the other message")
+    assert stuck not in started
+    assert "check" not in observer.db_errors, observer.db_errors

@@ -39,6 +39,8 @@ GET_DEVICE = f"SELECT {DEVICE_COLUMNS} FROM wl.devices WHERE name = %s"
 GET_DEVICE_BY_ID = f"SELECT {DEVICE_COLUMNS} FROM wl.devices WHERE id = %s"
 DEVICE_SERVICE_COUNT = "SELECT count(*) FROM wl.customer_services WHERE device_id = %s"
 DELETE_DEVICE = "DELETE FROM wl.devices WHERE name = %s"
+# Only for the demo device: the simulator's port may change between runs of ./scripts/dev.
+MOVE_DEVICE = "UPDATE wl.devices SET host = %(host)s, port = %(port)s, scheme = %(scheme)s WHERE name = %(name)s"
 
 # -- services -----------------------------------------------------------------------------------------------
 

@@ -156,6 +156,11 @@ async def get_device_by_id(conn: AConn, device_id: int) -> Device:
     return _device(row)
 
 
+async def move_device(conn: AConn, name: str, *, host: str, port: int | None, scheme: str) -> None:
+    """Point a device at another address (the demo router, whose simulator may listen elsewhere next time)."""
+    await conn.execute(_sql.MOVE_DEVICE, {"name": name, "host": host, "port": port, "scheme": scheme})
+
+
 async def remove_device(conn: AConn, name: str) -> None:
     device = await get_device(conn, name)
     cur = await conn.execute(_sql.DEVICE_SERVICE_COUNT, (device.id,))

@@ -33,6 +33,7 @@ from ._store import (
     get_service,
     list_devices,
     list_services,
+    move_device,
     remove_device,
     resolve_password,
 )
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed-demo", action="store_true", help="start with a few customers (see demo-seed)")
     sim.add_argument("--api-port", type=int, default=None, help="also serve the binary API on this port (0 = any free one)")
 
-    demo = commands.add_parser("demo-seed", help="add the demo router and its services (matching simulate-router --seed-demo)")
+    demo = commands.add_parser("demo-seed", help="add the demo router and its services (matching simulate-router --seed-demo); an existing demo router is pointed at --url")
     demo.add_argument("--url", required=True, help="the simulator, e.g. http://127.0.0.1:9728")
     demo.add_argument("--username", default="admin")
     demo.add_argument("--password-ref", default="env:WL_SIM_PASSWORD")
@@ -211,9 +212,12 @@ async def _demo_seed(conn: psycopg.AsyncConnection[Any], args: argparse.Namespac
     if not url.hostname:
         raise ValueError(f"--url must look like http://127.0.0.1:9728, got {args.url!r}")
     try:
-        await get_device(conn, DEMO_DEVICE)
+        device = await get_device(conn, DEMO_DEVICE)
     except NotFound:
         await add_device(conn, name=DEMO_DEVICE, host=url.hostname, port=url.port, scheme=url.scheme or "http", username=args.username, password_ref=args.password_ref)
+    else:
+        if (device.host, device.port, device.scheme) != (url.hostname, url.port, url.scheme or "http"):
+            await move_device(conn, DEMO_DEVICE, host=url.hostname, port=url.port, scheme=url.scheme or "http")
     existing = {s.service_id for s in await list_services(conn, DEMO_DEVICE)}
     for service_id, method, target, desired in simulator.DEMO_CUSTOMERS:
         if service_id not in existing:

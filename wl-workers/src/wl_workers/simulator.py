@@ -20,6 +20,7 @@ import base64
 import contextlib
 import json
 import logging
+import signal
 import socket
 import socketserver
 import threading
@@ -635,10 +636,11 @@ def serve(host: str, port: int, username: str, password: str, *, seed_demo: bool
     logger.info("simulator_listening", extra={"event": "simulator_listening", "url": sim.url, "seeded": seed_demo})
     api = f", binary API on {host}:{sim.api_port}" if sim.api else ""
     print(f"RouterOS simulator on {sim.url}{api} (user {username}); control: POST {sim.url}/__sim__/control", flush=True)
+    # SIGTERM (a service manager, a test) stops it like Ctrl-C; SIGINT alone is ignored in background jobs.
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        stop.wait()
     finally:
         sim.stop()
