@@ -162,9 +162,10 @@ class Executor:
         job: Job[Any] = Job(queue, lease.msg_id, max(attempt, 1), enqueued_at, payload, job_type, public_headers(headers))
         solo = self._is_suspect(lease, headers)
         if solo:
-            deaths = _int_header(headers, _sql.SOLO_KEY) or 0
-            if deaths >= POISON_DEATHS:
-                error = RuntimeError(f"the worker process died {deaths} times while running this message alone")
+            # Solo starts so far: each followed a delivery that ended with no outcome (a dead worker, a lost lease).
+            solo_starts = _int_header(headers, _sql.SOLO_KEY) or 0
+            if solo_starts >= POISON_DEATHS:
+                error = RuntimeError(f"the worker died (or lost the lease) {solo_starts} times while running this message alone")
                 await self._give_up(lease, job, handler, error, "killed_worker", time.perf_counter())
                 return
         try:
