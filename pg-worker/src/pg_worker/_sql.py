@@ -245,6 +245,14 @@ _NEXT_HELD = (
 )
 
 
+def _sleep_plan(queue: str, in_flight: str) -> sql.Composed:
+    """Racing producers (``in_flight``, a subquery) and when work is next due, all in one statement snapshot."""
+    return sql.SQL(
+        "SELECT ARRAY(" + in_flight + ") AS in_flight, " + _NEXT_VT + " AS next_vt, clock_timestamp() AS now, "
+        + _NEXT_HELD + " AS next_held"
+    ).format(table=sql.Identifier(queue_table(queue)))
+
+
 def sleep_check(queue: str) -> sql.Composed:
     """Run after the waiting mark is committed: which writers might have missed it, and when is work due.
 
@@ -253,43 +261,19 @@ def sleep_check(queue: str) -> sql.Composed:
     them or had committed already (and so is visible to ``next_vt``). Producers that start later see the mark
     and notify (REPEATABLE READ and SERIALIZABLE producers always notify: their snapshot may predate the mark).
     """
-    return sql.SQL(
-        """
-        SELECT ARRAY(
-                   SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) AS x
-                   WHERE mod(x::text::bigint, 4294967296) NOT IN ("""
-        + _OTHER_DATABASES_XIDS
-        + """)
-               ) AS in_flight,
-               """
-        + _NEXT_VT
-        + """ AS next_vt,
-               clock_timestamp() AS now,
-               """
-        + _NEXT_HELD
-        + """ AS next_held
-        """
-    ).format(table=sql.Identifier(queue_table(queue)))
+    return _sleep_plan(
+        queue,
+        "SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) AS x "
+        "WHERE mod(x::text::bigint, 4294967296) NOT IN (" + _OTHER_DATABASES_XIDS + ")",
+    )
 
 
 def recheck(queue: str) -> sql.Composed:
     """Which of the remembered transactions are still running, and when is work due: both judged by the
     statement's own snapshot (a live status check could see a commit whose row the snapshot misses)."""
-    return sql.SQL(
-        """
-        SELECT ARRAY(
-                   SELECT x FROM unnest(%(xids)s::text[]) AS x
-                   WHERE NOT pg_visible_in_snapshot(x::xid8, pg_current_snapshot())
-               ) AS in_flight,
-               """
-        + _NEXT_VT
-        + """ AS next_vt,
-               clock_timestamp() AS now,
-               """
-        + _NEXT_HELD
-        + """ AS next_held
-        """
-    ).format(table=sql.Identifier(queue_table(queue)))
+    return _sleep_plan(
+        queue, "SELECT x FROM unnest(%(xids)s::text[]) AS x WHERE NOT pg_visible_in_snapshot(x::xid8, pg_current_snapshot())"
+    )
 
 
 def poll_check(queues: list[str]) -> sql.Composed:
