@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
 from pg_worker import App, Job, Outcome, WakeupSource, Worker, WorkerConfig, WorkerObserver
+from pg_worker.testing import wait_until
+
+__all__ = ["RecordingObserver", "dlq_messages", "expire", "marks", "queue_rows", "read_one", "running_worker", "wait_until"]
 
 
 @dataclass
@@ -65,19 +68,6 @@ class RecordingObserver(WorkerObserver):
 
     def outcomes(self, outcome: Outcome) -> list[Finished]:
         return [f for f in self.finished if f.outcome is outcome]
-
-
-async def wait_until(predicate: Callable[[], Any], limit: float = 10.0, interval: float = 0.005, what: str = "condition") -> None:
-    deadline = time.monotonic() + limit
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 async def marks(url: str, worker_id: str | None = None) -> int:
