@@ -16,7 +16,8 @@ import psutil
 import pytest
 
 import pg_worker
-from pg_worker.testing import PgServer, database_name
+from pg_worker.testing import PgServer as PgServer  # re-exported: the tests import it from here
+from pg_worker.testing import database_name
 
 TESTS_DIR = Path(__file__).parent
 sys.path.insert(0, str(TESTS_DIR))  # test apps (tests/apps.py) for worker subprocesses

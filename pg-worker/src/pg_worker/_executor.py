@@ -151,6 +151,7 @@ class Executor:
         self.sync_running = 0
         self.shutting_down = False
         self.interrupted: list[Lease] = []
+        self.abandoned: list[Lease] = []  # interrupted by shutdown while their sync thread still ran
 
     async def run(self, lease: Lease, enqueued_at: Any, message: Any, headers: Any) -> None:
         queue = lease.queue.name
@@ -229,8 +230,7 @@ class Executor:
                 task.uncancel()
                 raise _LeaseLost() from None
         except Interrupted as exc:
-            if not exc.abandoned_thread:
-                self.interrupted.append(lease)
+            (self.abandoned if exc.abandoned_thread else self.interrupted).append(lease)
             self._finish(job, Outcome.INTERRUPTED, started, None, handler, **({"note": "sync handler still running: its message stays leased until the visibility timeout"} if exc.abandoned_thread else {}))
             return
         except _LeaseLost:
