@@ -164,6 +164,7 @@ async def test_a_readiness_check_raising_worker_failure_stops_the_worker_with_th
     await wait_until(lambda: worker.health.started, what="start")
     report = await HealthProbe(worker).readiness()
     assert not report.ok and {c.name: c.detail for c in report.checks}["vpn"] == "tunnel wg0 is gone"
+    assert {c.name: c.detail for c in (await HealthProbe(worker).readiness()).checks}["worker"] == "stopping: readiness check vpn: tunnel wg0 is gone"
     with pytest.raises(WorkerFailure, match="readiness check vpn: tunnel wg0 is gone"):
         await asyncio.wait_for(task, timeout=30)
     assert worker.failure == "readiness check vpn: tunnel wg0 is gone"
