@@ -36,8 +36,17 @@ class WlSettings(BaseSettings):
     action_base_delay: float = Field(default=2.0, ge=0)
     action_max_delay: float = Field(default=300.0, ge=0)
 
-    # periodic reconcile inside `wl-workers run` (seconds; 0 = off)
-    reconcile_interval: float = Field(default=0.0, ge=0)
+    # per-device circuit breaker: after this many consecutive transient failures, jobs for the device park (no
+    # attempt used) while one probe at a time tries it every probe interval; the first success wakes them all
+    breaker_threshold: int = Field(default=3, ge=1)
+    breaker_probe_interval: float = Field(default=0.5, gt=0)
+    park_delay: float = Field(default=60.0, gt=0)  # a parked job's own retry, should nothing wake it earlier
+
+    # periodic reconcile inside `wl-workers run` (seconds, +-10 % jitter; 0 = off)
+    reconcile_interval: float = Field(default=600.0, ge=0)
+    reconcile_concurrency: int = Field(default=4, ge=1)  # devices read at once
+    reconcile_device_budget: float = Field(default=60.0, gt=0)  # seconds one device may take in a pass
+    history_retention_days: float = Field(default=400.0, gt=0)
 
     # payments.sync
     mercadopago_api_base_url: str = Field(default="https://api.mercadopago.com", validation_alias="MERCADOPAGO_API_BASE_URL")
