@@ -174,8 +174,9 @@ class Completer:
             return False
         return True
 
-    async def retry(self, lease: Lease, delay: float) -> bool | None:
-        return await self._fenced("retry", lease, _sql.retry_later(lease.queue.name), {"msg_id": lease.msg_id, "read_ct": lease.read_ct, "delay": delay})
+    async def retry(self, lease: Lease, delay: float, *, count_attempt: bool = True) -> bool | None:
+        query = _sql.retry_later(lease.queue.name, count_attempt=count_attempt)
+        return await self._fenced("retry", lease, query, {"msg_id": lease.msg_id, "read_ct": lease.read_ct, "delay": delay})
 
     async def dead_letter(self, lease: Lease, error: dict[str, Any]) -> bool | None:
         queue = lease.queue.name

@@ -26,7 +26,7 @@ from ._completer import Completer, error_info
 from ._db import WorkerHealth
 from ._events import Outcome, WorkerObserver
 from ._leases import Lease, LeaseKeeper
-from ._retry import PermanentFailure
+from ._retry import PermanentFailure, RetryLater
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ _OUTCOME_LEVELS = {
     Outcome.SUCCEEDED: logging.DEBUG,
     Outcome.INTERRUPTED: logging.INFO,
     Outcome.RETRIED: logging.WARNING,
+    Outcome.DEFERRED: logging.INFO,  # asked for by the handler (a busy resource): not a failure
     Outcome.FAILED: logging.ERROR,
     Outcome.DEAD_LETTERED: logging.ERROR,
     Outcome.LEASE_LOST: logging.WARNING,
@@ -341,7 +342,8 @@ class Executor:
             reason = "permanent_failure" if isinstance(exc, PermanentFailure) else "max_attempts"
             await self._give_up(lease, job, handler, exc, reason, started)
             return
-        written = await self._completer.retry(lease, delay)
+        deferred = isinstance(exc, RetryLater) and not exc.count_attempt
+        written = await self._completer.retry(lease, delay, count_attempt=not deferred)
         if written is False:
             self._finish(job, Outcome.LEASE_LOST, started, exc, handler, why=lease.lost, operation="retry")
             return
@@ -349,7 +351,7 @@ class Executor:
             self._finish(job, Outcome.FAILED, started, exc, handler, retry_in_s=round(delay, 3))
             return
         self._on_retry(job.queue, delay)
-        self._finish(job, Outcome.RETRIED, started, exc, handler, retry_in_s=round(delay, 3))
+        self._finish(job, Outcome.DEFERRED if deferred else Outcome.RETRIED, started, exc, handler, retry_in_s=round(delay, 3))
 
     async def _give_up(self, lease: Lease, job: Job[Any], handler: Handler, exc: BaseException, reason: str, started: float) -> None:
         written = await self._completer.dead_letter(lease, error_info(exc, reason))
