@@ -157,10 +157,15 @@ SET breaker_failures = breaker_failures + CASE WHEN %(transient)s THEN 1 ELSE 0 
 WHERE id = %(device_id)s
 RETURNING breaker_failures
 """
+# The device answered: close the breaker; returns the failures counted before (at the threshold: wake everyone).
+# Written at most once a second per healthy device, so that busy routers do not queue on their row.
 DEVICE_OK = """
-UPDATE wl.devices SET breaker_failures = 0, breaker_probe_at = NULL, last_contact_at = clock_timestamp(),
+UPDATE wl.devices d SET breaker_failures = 0, breaker_probe_at = NULL, last_contact_at = clock_timestamp(),
     last_error = NULL, last_error_at = NULL
-WHERE id = %(device_id)s
+FROM (SELECT id, breaker_failures FROM wl.devices WHERE id = %(device_id)s) old
+WHERE d.id = old.id AND (d.breaker_failures > 0 OR d.last_error IS NOT NULL OR d.last_contact_at IS NULL
+                         OR d.last_contact_at < clock_timestamp() - interval '1 second')
+RETURNING old.breaker_failures
 """
 DEVICE_BREAKER = "SELECT breaker_failures FROM wl.devices WHERE id = %s"
 # Take the one probe of an open breaker: only the caller that moves breaker_probe_at forward may talk to the device.
@@ -172,15 +177,30 @@ RETURNING id
 """
 PARK_ACTION = "INSERT INTO wl.parked_actions (msg_id, device_id) VALUES (%s, %s) ON CONFLICT (msg_id) DO NOTHING"
 UNPARK_ACTION = "DELETE FROM wl.parked_actions WHERE msg_id = %s"
-# Wake every job parked on a device (a success there): due now, and the idle workers told so.
-WAKE_PARKED = """
-WITH woken AS (
-    DELETE FROM wl.parked_actions WHERE device_id = %(device_id)s RETURNING msg_id
-)
-SELECT count(*) FROM woken w, LATERAL pgmq.set_vt('device_actions', w.msg_id, 0) AS m
-"""
 NOTIFY_ACTIONS = "SELECT pg_notify('pg_worker_device_actions', '')"
-HAS_PARKED = "SELECT EXISTS (SELECT 1 FROM wl.parked_actions WHERE device_id = %s)"
+# A job that found every slot of its device taken waits its turn: parked, and woken by the job that frees a slot
+# (oldest first). Returns how many were parked before it (its own retry, should no wake come, is sized by that).
+PARK_BUSY = """
+WITH parked AS (INSERT INTO wl.parked_actions (msg_id, device_id) VALUES (%(msg_id)s, %(device_id)s) ON CONFLICT (msg_id) DO NOTHING)
+SELECT count(*) FROM wl.parked_actions WHERE device_id = %(device_id)s
+"""
+# Wake the oldest n jobs parked on a device: due now. Only a message whose deferral pg-worker has recorded (its
+# header "closed" = its read_ct: not in flight) is woken; one parked a moment ago, whose deferral is not written
+# yet, stays parked for the next wake (waking it then would look to pg-worker like a delivery that died).
+WAKE_NEXT = """
+WITH cand AS (
+    SELECT p.msg_id FROM wl.parked_actions p JOIN pgmq.q_device_actions m ON m.msg_id = p.msg_id
+    WHERE p.device_id = %(device_id)s AND (m.headers->>'x-pg-worker-closed')::bigint = m.read_ct AND m.vt > clock_timestamp()
+    ORDER BY p.parked_at LIMIT %(n)s
+    FOR UPDATE OF p, m SKIP LOCKED
+), woken AS (
+    UPDATE pgmq.q_device_actions m SET vt = clock_timestamp() FROM cand WHERE m.msg_id = cand.msg_id RETURNING m.msg_id
+), unparked AS (
+    DELETE FROM wl.parked_actions p USING woken WHERE p.msg_id = woken.msg_id RETURNING p.msg_id
+)
+SELECT count(*) FROM unparked
+"""
+WAKE_ALL = 1_000_000  # n for a breaker that closes
 
 # -- session locks on a job's dedicated connection ----------------------------------------------------------
 

@@ -30,7 +30,7 @@ import logging
 import random
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import psycopg
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -105,12 +105,9 @@ def action_message(action: str, service_id: str, event_at: datetime, reason: str
 
 
 def defer(delay: float, reason: str) -> RetryLater:
-    """A retry that uses no attempt (busy is not failure): pg-worker's ``RetryLater(count_attempt=False)``.
-    A pg-worker without that argument gets a plain retry (which counts)."""
-    try:
-        return cast(Any, RetryLater)(delay, reason, count_attempt=False)  # type: ignore[no-any-return]
-    except TypeError:
-        return RetryLater(delay, reason)
+    """A retry that uses no attempt: busy (service, device, breaker open, lock lost) is not failure, and is never
+    dead-lettered."""
+    return RetryLater(delay, reason, count_attempt=False)
 
 
 class DeviceActions:
@@ -178,16 +175,45 @@ class DeviceActions:
             device = await get_device_by_id(conn, service.device_id)
             ctx["device"] = device.name
             probing = await self._breaker_gate(conn, device, job, ctx)
-            if not await locks.try_device_slot(device):
-                ACTIONS.labels(device.name, ctx["action"], "busy").inc()
-                logger.info("device_busy", extra={"event": "device_busy", **ctx})
-                raise defer(self._busy_delay(), f"all {device.max_concurrent} slots of device {device.name} are busy")
+            await self._take_slot(conn, locks, device, job, ctx)
             await self._rounds(conn, locks, job, device, service, ctx, origin, probing)
         except (LockLost, psycopg.OperationalError) as exc:
             await self._lock_lost(exc, ctx, origin)
             raise defer(min(self._busy_delay(), 1.0), f"locks lost: {exc}") from exc
         finally:
-            await locks.release()
+            await self._release(conn, locks)
+
+    async def _take_slot(self, conn: psycopg.AsyncConnection[Any], locks: SessionLocks, device: Device, job: Job[Any], ctx: dict[str, Any]) -> None:
+        """A device slot, or the job parks and waits its turn (raises): it frees its worker place for jobs of
+        other routers, and the job that frees a slot wakes the oldest parked one. Parking then trying once more
+        closes the gap where the last slot-holder finished just before this job parked."""
+        if await locks.try_device_slot(device):
+            return
+        cur = await conn.execute(_sql.PARK_BUSY, {"msg_id": job.msg_id, "device_id": device.id})
+        row = await cur.fetchone()
+        ahead = int(row[0]) if row else 0
+        if await locks.try_device_slot(device):
+            await conn.execute(_sql.UNPARK_ACTION, (job.msg_id,))
+            return
+        ACTIONS.labels(device.name, ctx["action"], "busy").inc()
+        logger.info("device_busy", extra={"event": "device_busy", **ctx, "waiting": ahead})
+        # woken when its turn comes; this retry only covers a wake that got lost (a slot-holder that died)
+        delay = min(self.settings.park_delay, self.settings.busy_retry_delay + 0.1 * ahead) * (0.75 + random.random() / 2)
+        raise defer(delay, f"all {device.max_concurrent} slots of device {device.name} are busy ({ahead} waiting)")
+
+    async def _release(self, conn: psycopg.AsyncConnection[Any], locks: SessionLocks) -> None:
+        """Release the locks; a freed device slot wakes the oldest job parked on that device."""
+        device_id = locks.device_id
+        await locks.release()
+        if device_id is None or conn.closed:
+            return
+        try:
+            cur = await conn.execute(_sql.WAKE_NEXT, {"device_id": device_id, "n": 1})
+            row = await cur.fetchone()
+            if row is not None and row[0]:
+                await conn.execute(_sql.NOTIFY_ACTIONS)
+        except psycopg.Error as exc:  # the parked job's own retry comes anyway
+            logger.warning("wake_failed", extra={"event": "wake_failed", "error": str(exc)})
 
     async def _service(self, conn: psycopg.AsyncConnection[Any], service_id: str, ctx: dict[str, Any]) -> Service:
         try:
@@ -291,8 +317,12 @@ class DeviceActions:
 
     async def _device_ok(self, conn: psycopg.AsyncConnection[Any], device: Device, ctx: dict[str, Any]) -> None:
         """The device answered: close its breaker, and wake every job parked on it (now, not at their retry)."""
-        await conn.execute(_sql.DEVICE_OK, {"device_id": device.id})
-        cur = await conn.execute(_sql.WAKE_PARKED, {"device_id": device.id})
+        cur = await conn.execute(_sql.DEVICE_OK, {"device_id": device.id})
+        row = await cur.fetchone()
+        if row is None or int(row[0]) < self.settings.breaker_threshold:
+            return
+        logger.info("device_breaker_closed", extra={"event": "device_breaker_closed", "device": device.name, "failures": int(row[0])})
+        cur = await conn.execute(_sql.WAKE_NEXT, {"device_id": device.id, "n": _sql.WAKE_ALL})
         row = await cur.fetchone()
         woken = int(row[0]) if row else 0
         if woken:
@@ -365,7 +395,7 @@ class DeviceActions:
                 await history.record(conn, service.service_id, "router_read", state=state, outcome="read", duration_ms=round((time.monotonic() - started) * 1000, 1), detail={"device": device.name, "detail": observed.detail, "foreign": observed.foreign}, **origin)
                 await self._device_ok(conn, device, ctx)
             finally:
-                await locks.release()
+                await self._release(conn, locks)
 
     async def _reader(self, device: Device) -> RouterOs:
         try:
@@ -405,4 +435,4 @@ class DeviceActions:
                 await conn.execute(_sql.RECORD_DEVICE_TEST, {"request_id": msg.request_id, "device": device.name, "ok": ok, "message": message[:2000]})
                 logger.info("device_tested", extra={"event": "device_tested", "device": device.name, "ok": ok, "request_id": msg.request_id, "error": None if ok else message})
             finally:
-                await locks.release()
+                await self._release(conn, locks)

@@ -30,6 +30,7 @@ class SessionLocks:
         self.conn = conn
         self.held = 0
         self.slot: int | None = None
+        self.device_id: int | None = None
 
     async def _try(self, query: str, params: tuple[Any, ...]) -> bool:
         cur = await self.conn.execute(query, params)
@@ -50,6 +51,7 @@ class SessionLocks:
             slot = (first + i) % device.max_concurrent
             if await self._try(_sql.TRY_DEVICE_SLOT_SESSION, (device.name, slot)):
                 self.slot = slot
+                self.device_id = device.id
                 return True
         return False
 
@@ -70,3 +72,4 @@ class SessionLocks:
                 await self.conn.execute(_sql.UNLOCK_ALL)
         self.held = 0
         self.slot = None
+        self.device_id = None
