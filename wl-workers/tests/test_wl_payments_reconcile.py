@@ -157,7 +157,8 @@ async def test_reconcile_reports_an_unreachable_device(wl_db: str, sim: RouterSi
     await add_customer(wl_db, "c-al", "address-list", "10.20.0.11")
     sim.go_down()
     report = await reconcile(wl_db, fast_settings(http_connect_timeout=0.5), dry_run=True)
-    assert report.differences == [] and len(report.errors) == 1 and report.errors[0][0] == "c-al"
+    assert report.differences == [] and len(report.errors) == 1 and report.errors[0][0] == "r1"
+    assert list(report.failed_devices) == ["r1"]
 
 
 async def test_periodic_reconcile_repairs_the_router(wl_db: str, sim: RouterSimulator) -> None:

@@ -145,6 +145,11 @@ RECORD_OBSERVED = """
 UPDATE wl.customer_services SET observed_state = %(observed)s, observed_at = %(at)s, updated_at = now()
 WHERE service_id = %(service_id)s
 """
+RECORD_OBSERVED_MANY = """
+UPDATE wl.customer_services s SET observed_state = v.state, observed_at = %(at)s
+FROM unnest(%(ids)s::text[], %(states)s::text[]) AS v(service_id, state)
+WHERE s.service_id = v.service_id
+"""
 
 # -- device health ------------------------------------------------------------------------------------------
 

@@ -197,11 +197,13 @@ async def _enqueue_cmd(conn: psycopg.AsyncConnection[Any], args: argparse.Namesp
 async def _reconcile_cmd(url: str, args: argparse.Namespace) -> int:
     report = await reconcile(url, WlSettings(), dry_run=args.dry_run)
     for d in report.differences:
-        verb = "would enqueue" if args.dry_run else "enqueued"
+        verb = ("would enqueue" if args.dry_run else "enqueued") if d.fixable else "will not fix (not our entry)"
         print(f"{d.device} {d.service_id}: desired {d.desired}, device {d.observed} ({d.detail}) -> {verb} {d.action}")
     for where, reason in report.errors:
         print(f"error {where}: {reason}", file=sys.stderr)
     print(f"checked {report.checked}, differences {len(report.differences)}, errors {len(report.errors)}")
+    if report.failed_devices:
+        print(f"wl-workers: devices not reconciled: {', '.join(sorted(report.failed_devices))}", file=sys.stderr)
     return EXIT_FAILURE if report.errors else EXIT_OK
 
 
