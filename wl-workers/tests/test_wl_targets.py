@@ -39,7 +39,7 @@ def test_targets_are_validated_and_canonical() -> None:
     assert validate_target("address-list", "2001:DB8::1") == "2001:db8::1"
     assert validate_target("address-list", "2001:db8::1/128") == "2001:db8::1"
     assert validate_target("address-list", "2001:db8:5::/56") == "2001:db8:5::/56"
-    with pytest.raises(ValueError, match="host bits set: the prefix is 10.20.5.0/29"):
+    with pytest.raises(ValueError, match=r"host bits set: the prefix is 10\.20\.5\.0/29"):
         validate_target("address-list", "10.20.5.3/29")
     with pytest.raises(ValueError, match="IP address or prefix, IPv4 or IPv6"):
         validate_target("address-list", "cust-1")
