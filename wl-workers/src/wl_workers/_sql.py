@@ -212,6 +212,10 @@ WAKE_ALL = 1_000_000  # n for a breaker that closes
 TRY_SERVICE_LOCK = f"SELECT pg_try_advisory_lock({LOCK_SERVICE}, hashtext(%s))"
 TRY_DEVICE_SLOT_SESSION = "SELECT pg_try_advisory_lock(hashtext('wl.device:' || %s), %s)"
 # how many advisory locks this session holds now: a terminated backend, or a lock released under us, shows here
+# The waiting room: max_concurrent jobs per device may wait for a slot in their worker (the hand-over then takes
+# one poll, not a wake and a fetch); any further job parks and frees its worker place.
+TRY_DEVICE_WAIT = "SELECT pg_try_advisory_lock(hashtext('wl.device-wait:' || %s), %s)"
+LEAVE_DEVICE_WAIT = "SELECT pg_advisory_unlock(hashtext('wl.device-wait:' || %s), %s)"
 HELD_LOCKS = "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory' AND granted"
 UNLOCK_ALL = "SELECT pg_advisory_unlock_all()"
 

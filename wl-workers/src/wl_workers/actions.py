@@ -187,7 +187,7 @@ class DeviceActions:
         """A device slot, or the job parks and waits its turn (raises): it frees its worker place for jobs of
         other routers, and the job that frees a slot wakes the oldest parked one. Parking then trying once more
         closes the gap where the last slot-holder finished just before this job parked."""
-        if await locks.try_device_slot(device):
+        if await locks.try_device_slot(device) or await locks.wait_for_device_slot(device, self.settings.device_wait):
             return
         cur = await conn.execute(_sql.PARK_BUSY, {"msg_id": job.msg_id, "device_id": device.id})
         row = await cur.fetchone()

@@ -11,6 +11,7 @@ using an attempt; its retry converges against the newest desired state, undoing 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 from typing import Any
@@ -54,6 +55,25 @@ class SessionLocks:
                 self.device_id = device.id
                 return True
         return False
+
+    async def wait_for_device_slot(self, device: Device, limit: float) -> bool:
+        """Wait up to ``limit`` seconds for a slot, if one of the device's ``max_concurrent`` waiting places is
+        free; ``False`` at once when they are all taken (the caller parks the job)."""
+        for place in range(device.max_concurrent):
+            if await self._try(_sql.TRY_DEVICE_WAIT, (device.name, place)):
+                break
+        else:
+            return False
+        try:
+            deadline = asyncio.get_running_loop().time() + limit
+            got = await self.try_device_slot(device)
+            while not got and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02 + random.random() * 0.02)
+                got = await self.try_device_slot(device)
+            return got
+        finally:
+            await self.conn.execute(_sql.LEAVE_DEVICE_WAIT, (device.name, place))
+            self.held -= 1
 
     async def check(self) -> None:
         """Raise :class:`LockLost` unless this session still holds every lock it took."""

@@ -29,6 +29,8 @@ class WlSettings(BaseSettings):
     # how long a job waits inside the handler for its service lock or a device slot before it asks for a retry
     lock_wait: float = Field(default=10.0, gt=0)
     busy_retry_delay: float = Field(default=2.0, ge=0)
+    # how long one of a device's max_concurrent "next in line" jobs waits in its worker for a slot before parking
+    device_wait: float = Field(default=2.0, ge=0)
 
     # retry policy of device_actions: ~2 s doubling to 5 min; 12 attempts cover about half an hour of outage,
     # after which the job is dead-lettered and the periodic reconcile (if on) repairs the device later
