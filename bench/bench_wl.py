@@ -63,8 +63,7 @@ async def _actions_per_second(url: str, n: int) -> float:
         started = time.monotonic()
         tasks = [asyncio.create_task(w.run()) for w in workers]
         try:
-            while len(sim.items("ip/firewall/address-list", list="morosos")) < n:
-                await asyncio.sleep(0.05)
+            await _until(lambda: len(sim.items("ip/firewall/address-list", list="morosos")) >= n)
             took = time.monotonic() - started
         finally:
             for w in workers:
@@ -95,6 +94,14 @@ async def _reconcile_pass(url: str, routers: int, per_router: int, hung: bool) -
         for sim in sims:
             sim.faults.delay = 0.0
             sim.stop()
+
+
+async def _until(predicate: Any) -> None:
+    for _ in range(100_000):  # polls the router's state: 50 ms apart, an hour at most
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the actions were not all applied")
 
 
 def _now() -> Any:
