@@ -27,7 +27,7 @@ def at(minutes: float) -> datetime:
 
 
 def fast_settings(**overrides: Any) -> WlSettings:
-    values: dict[str, Any] = {"action_base_delay": 0.1, "action_max_delay": 0.5, "busy_retry_delay": 0.1, "http_read_timeout": 2.0, "http_connect_timeout": 1.0, "lock_wait": 5.0, "payment_base_delay": 0.1}
+    values: dict[str, Any] = {"action_base_delay": 0.1, "action_max_delay": 0.5, "busy_retry_delay": 0.1, "http_read_timeout": 2.0, "http_connect_timeout": 1.0, "device_wait": 0.5, "payment_base_delay": 0.1}
     values.update(overrides)
     return WlSettings(**values)
 

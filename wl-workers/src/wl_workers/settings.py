@@ -26,8 +26,6 @@ class WlSettings(BaseSettings):
     # device calls
     http_connect_timeout: float = Field(default=3.0, gt=0)
     http_read_timeout: float = Field(default=10.0, gt=0)
-    # how long a job waits inside the handler for its service lock or a device slot before it asks for a retry
-    lock_wait: float = Field(default=10.0, gt=0)
     busy_retry_delay: float = Field(default=2.0, ge=0)
     # how long one of a device's max_concurrent "next in line" jobs waits in its worker for a slot before parking
     device_wait: float = Field(default=2.0, ge=0)
