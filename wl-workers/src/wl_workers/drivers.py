@@ -282,6 +282,13 @@ def address_menu(target: str) -> str:
     return "ipv6/firewall/address-list" if ":" in target else "ip/firewall/address-list"
 
 
+def _network_key(address: str) -> str | None:
+    try:
+        return str(ipaddress.ip_network(address, strict=False))
+    except ValueError:
+        return None
+
+
 def _same_network(entry_address: str, target: str) -> bool:
     try:
         return ipaddress.ip_network(entry_address, strict=False) == ipaddress.ip_network(target, strict=False)
@@ -420,7 +427,10 @@ class RouterOs:
                     if menu.startswith("ipv6"):  # a router without IPv6: no IPv6 customer can be listed there
                         continue
                     raise
-                snap.entries.extend(e for e in entries if e.get("disabled") != "true")
+                for entry in entries:
+                    key = _network_key(entry.get("address", ""))
+                    if entry.get("disabled") != "true" and key is not None:
+                        snap.entries.setdefault(key, []).append(entry)
         if "pppoe" in methods:
             snap.secrets = {s.get("name", ""): s for s in await self.api.print("ppp/secret")}
             for session in await self.api.print("ppp/active"):
@@ -429,7 +439,7 @@ class RouterOs:
 
     def state_in(self, snap: Snapshot, method: Method, target: str) -> DeviceState:
         if method == "address-list":
-            return _address_state([e for e in snap.entries if _same_network(e.get("address", ""), target)], target, self.list_name)
+            return _address_state(snap.entries.get(_network_key(target) or target, []), target, self.list_name)
         secret = snap.secrets.get(target)
         if secret is None:
             raise PermanentDeviceError(f"the device has no PPP secret named {target!r}")
@@ -438,7 +448,8 @@ class RouterOs:
 
 @dataclass
 class Snapshot:
-    entries: list[dict[str, str]] = field(default_factory=list)  # enabled address-list entries of our list (v4 + v6)
+    # enabled entries of our address-list (v4 + v6), by canonical network: one look-up per customer
+    entries: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     secrets: dict[str, dict[str, str]] = field(default_factory=dict)
     sessions: dict[str, int] = field(default_factory=dict)
 
