@@ -104,7 +104,7 @@ async def test_entry_added_concurrently_counts_as_success(sim: RouterSimulator, 
 
 @pytest.mark.parametrize("method", ["DELETE", "PATCH"])
 async def test_reboot_between_look_up_and_change(sim: RouterSimulator, driver: Driver, method: str) -> None:
-    sim.add(AL, list="morosos", address="10.0.0.9")
+    sim.add(AL, list="morosos", address="10.0.0.9", comment="wl-workers: suspended")
     sim.add("ppp/secret", name="ana", disabled="true")
     sim.faults.reboot_before[method] = 1
     if method == "DELETE":

@@ -135,8 +135,8 @@ async def test_reconcile_repairs_a_router_changed_by_hand(wl_db: str, sim: Route
     sim.add("ppp/secret", name="pppoe-1")
     await enqueue(wl_db, DEACTIVATE, "c-ppp", at(0))
     await drain(wl_db)
-    # by hand: someone suspends c-al on the console and re-enables c-ppp's secret
-    sim.add("ip/firewall/address-list", list="morosos", address="10.20.0.11")
+    # by hand: someone restores an old backup that still lists c-al (our entry) and re-enables c-ppp's secret
+    sim.add("ip/firewall/address-list", list="morosos", address="10.20.0.11", comment="wl-workers: suspended")
     sim.set_where("ppp/secret", {"name": "pppoe-1"}, disabled="false")
 
     dry = await reconcile(wl_db, fast_settings(), dry_run=True)
@@ -157,7 +157,8 @@ async def test_reconcile_reports_an_unreachable_device(wl_db: str, sim: RouterSi
     await add_customer(wl_db, "c-al", "address-list", "10.20.0.11")
     sim.go_down()
     report = await reconcile(wl_db, fast_settings(http_connect_timeout=0.5), dry_run=True)
-    assert report.differences == [] and len(report.errors) == 1 and report.errors[0][0] == "c-al"
+    assert report.differences == [] and len(report.errors) == 1 and report.errors[0][0] == "r1"
+    assert list(report.failed_devices) == ["r1"]
 
 
 async def test_periodic_reconcile_repairs_the_router(wl_db: str, sim: RouterSimulator) -> None:
@@ -165,7 +166,7 @@ async def test_periodic_reconcile_repairs_the_router(wl_db: str, sim: RouterSimu
 
     await add_router(wl_db, sim)
     await add_customer(wl_db, "c-al", "address-list", "10.20.0.11")
-    sim.add("ip/firewall/address-list", list="morosos", address="10.20.0.11")  # by hand
+    sim.add("ip/firewall/address-list", list="morosos", address="10.20.0.11", comment="wl-workers: suspended")  # a backup restored
     stop = asyncio.Event()
     settings = fast_settings(reconcile_interval=0.2)
     # two workers' periodic reconcilers, as with two processes

@@ -27,7 +27,7 @@ def at(minutes: float) -> datetime:
 
 
 def fast_settings(**overrides: Any) -> WlSettings:
-    values: dict[str, Any] = {"action_base_delay": 0.1, "action_max_delay": 0.5, "busy_retry_delay": 0.1, "http_read_timeout": 2.0, "http_connect_timeout": 1.0, "lock_wait": 5.0, "payment_base_delay": 0.1}
+    values: dict[str, Any] = {"action_base_delay": 0.1, "action_max_delay": 0.5, "busy_retry_delay": 0.1, "http_read_timeout": 2.0, "http_connect_timeout": 1.0, "device_wait": 0.5, "payment_base_delay": 0.1}
     values.update(overrides)
     return WlSettings(**values)
 
@@ -73,8 +73,9 @@ async def drain(url: str, settings: WlSettings | None = None) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(url: str, settings: WlSettings | None = None) -> AsyncIterator[Worker]:
-    worker = Worker(build_app(url, settings or fast_settings()), url, WorkerConfig(worker_id=f"bg-{time.monotonic_ns()}", shutdown_grace=5))
+async def running_worker(url: str, settings: WlSettings | None = None, *, concurrency: int = 16) -> AsyncIterator[Worker]:
+    # 16 as `wl-workers run`: each running job holds a database connection of its own
+    worker = Worker(build_app(url, settings or fast_settings()), url, WorkerConfig(worker_id=f"bg-{time.monotonic_ns()}", shutdown_grace=5, concurrency=concurrency))
     task = asyncio.create_task(worker.run())
     try:
         await wait_until(lambda: worker.health.started or task.done(), what="worker start")

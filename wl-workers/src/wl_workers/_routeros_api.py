@@ -39,6 +39,10 @@ def encode_sentence(words: list[str]) -> bytes:
     return bytes(out + b"\x00")
 
 
+class ProtocolError(ValueError):
+    """Bytes that are not the RouterOS API: a control byte (0xF1-0xFF, reserved), another service on the port."""
+
+
 def decode_length_prefix(first: int) -> int:
     """How many more bytes follow the first byte of a length."""
     if first < 0x80:
@@ -49,10 +53,14 @@ def decode_length_prefix(first: int) -> int:
         return 2
     if first < 0xF0:
         return 3
+    if first > 0xF0:
+        raise ProtocolError(f"control byte 0x{first:02X} where a word length was expected")
     return 4
 
 
 def decode_length(first: int, rest: bytes) -> int:
+    if first > 0xF0:
+        raise ProtocolError(f"control byte 0x{first:02X} where a word length was expected")
     if first == 0xF0:
         return int.from_bytes(rest, "big")
     masks = {0: 0x7F, 1: 0x3F, 2: 0x1F, 3: 0x0F}
@@ -159,6 +167,9 @@ class BinaryApi:
         except (OSError, asyncio.IncompleteReadError) as exc:
             await self.aclose()
             raise TransientDeviceError(f"connection failed ({type(exc).__name__})") from exc
+        except ProtocolError as exc:  # the session is out of step: a new one may be fine
+            await self.aclose()
+            raise TransientDeviceError(f"device {self._device.name} answered something that is not the RouterOS API: {exc}") from exc
         except TransientDeviceError:
             await self.aclose()
             raise

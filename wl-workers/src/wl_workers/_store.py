@@ -56,13 +56,23 @@ def validate_target(method: str, target: str) -> str:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     target = target.strip()
     if method == "address-list":
-        try:
-            return str(ipaddress.ip_address(target))
-        except ValueError as exc:
-            raise ValueError(f"address-list services need the customer's IP address, got {target!r}") from exc
+        return _address_target(target)
     if not target or any(ch.isspace() for ch in target):
         raise ValueError(f"PPPoE user must be non-empty without spaces, got {target!r}")
     return target
+
+
+def _address_target(target: str) -> str:
+    """An IPv4/IPv6 address or prefix, canonical: a host without /32 or /128 (as RouterOS writes IPv4 hosts)."""
+    try:
+        network = ipaddress.ip_network(target, strict=False)
+    except ValueError as exc:
+        raise ValueError(f"address-list services need the customer's IP address or prefix, IPv4 or IPv6 (10.20.0.11, 10.20.5.0/29, 2001:db8::1, 2001:db8:5::/56), got {target!r}") from exc
+    if network.network_address != ipaddress.ip_interface(target).ip:
+        raise ValueError(f"{target} has host bits set: the prefix is {network}")
+    if network.prefixlen == network.max_prefixlen:
+        return str(network.network_address)
+    return str(network)
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,7 @@ class Device:
     password_ref: str
     max_concurrent: int
     address_list: str
+    own_entries_only: bool = True
 
     @property
     def base_url(self) -> str:
@@ -105,6 +116,10 @@ class Service:
     last_error: str | None
     last_error_at: datetime | None
     device_id: int
+    desired_generation: int = 1
+    applied_generation: int | None = None
+    observed_state: str | None = None
+    observed_at: datetime | None = None
 
 
 def _device(row: tuple[Any, ...]) -> Device:
@@ -129,6 +144,7 @@ async def add_device(conn: AConn, **fields: Any) -> int:
     fields.setdefault("tls_insecure", False)
     fields.setdefault("max_concurrent", 2)
     fields.setdefault("address_list", "morosos")
+    fields.setdefault("own_entries_only", True)
     cur = await conn.execute(_sql.INSERT_DEVICE, fields)
     row = await cur.fetchone()
     assert row is not None

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from pg_worker import App, RetryPolicy
 
-from .actions import ACTIVATE, DEACTIVATE, DeviceActions, ServiceAction
+from .actions import (
+    ACTIVATE,
+    DEACTIVATE,
+    DEVICE_TEST,
+    REFRESH,
+    DeviceActions,
+    DeviceTest,
+    ServiceAction,
+    ServiceRefresh,
+)
 from .payments import PaymentSync, PaymentSyncHandler
 from .settings import DEVICE_ACTIONS, PAYMENT_SYNC, WlSettings
 
@@ -12,8 +21,8 @@ from .settings import DEVICE_ACTIONS, PAYMENT_SYNC, WlSettings
 def build_app(conninfo: str, settings: WlSettings | None = None) -> App:
     settings = settings or WlSettings()
     app = App()
-    # a job may wait for its service and for a device slot (lock_wait each), then make a few device calls
-    job_timeout = 2 * settings.lock_wait + 12 * (settings.http_connect_timeout + settings.http_read_timeout)
+    # a job never waits for a lock (busy: retried later); it makes a few device calls per converge round
+    job_timeout = 12 * (settings.http_connect_timeout + settings.http_read_timeout)
     app.queue(
         DEVICE_ACTIONS,
         visibility_timeout=30,
@@ -24,5 +33,7 @@ def build_app(conninfo: str, settings: WlSettings | None = None) -> App:
     actions = DeviceActions(conninfo, settings)
     app.add_handler(DEVICE_ACTIONS, actions.handle, type=ACTIVATE, schema=ServiceAction)
     app.add_handler(DEVICE_ACTIONS, actions.handle, type=DEACTIVATE, schema=ServiceAction)
+    app.add_handler(DEVICE_ACTIONS, actions.refresh, type=REFRESH, schema=ServiceRefresh)
+    app.add_handler(DEVICE_ACTIONS, actions.device_test, type=DEVICE_TEST, schema=DeviceTest)
     app.add_handler(PAYMENT_SYNC, PaymentSyncHandler(conninfo, settings).handle, type="payments.sync", schema=PaymentSync)
     return app

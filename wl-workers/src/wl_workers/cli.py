@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     d_add.add_argument("--password-ref", required=True, help="env:VARIABLE or file:/path (the password itself is never stored)")
     d_add.add_argument("--max-concurrent", type=int, default=2, help="actions at once on this router, across all workers (default 2)")
     d_add.add_argument("--address-list", default="morosos", help="address-list of suspended customers (default morosos)")
+    d_add.add_argument(
+        "--own-entries-only", action=argparse.BooleanOptionalAction, default=True,
+        help="activate removes only the address-list entries this system created (comment 'wl-workers...'); default on",
+    )  # fmt: skip
     device.add_parser("list", help="list routers")
     device.add_parser("show", help="one router (its password reference, never the password)").add_argument("name")
     device.add_parser("remove", help="remove a router without services").add_argument("name")
@@ -80,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     s_add.add_argument("service_id")
     s_add.add_argument("--device", required=True)
     s_add.add_argument("--method", choices=["address-list", "pppoe"], required=True)
-    s_add.add_argument("--target", required=True, help="the customer's IP (address-list) or PPPoE user (pppoe)")
+    s_add.add_argument("--target", required=True, help="address-list: the customer's IPv4/IPv6 address or prefix (10.20.5.0/29, 2001:db8:5::/56); pppoe: the PPP user")
     s_add.add_argument("--desired", choices=["active", "suspended"], default="active")
     s_list = service.add_parser("list", help="list services")
     s_list.add_argument("--device", default=None)
@@ -135,6 +139,7 @@ async def _device_cmd(conn: psycopg.AsyncConnection[Any], args: argparse.Namespa
         await add_device(
             conn, name=args.name, driver=args.driver, host=args.host, port=args.port, scheme=args.scheme, ca_file=args.ca_file, tls_insecure=args.insecure,
             username=args.username, password_ref=args.password_ref, max_concurrent=args.max_concurrent, address_list=args.address_list,
+            own_entries_only=args.own_entries_only,
         )
         print(f"device {args.name} added")
     elif args.sub == "list":
@@ -197,11 +202,13 @@ async def _enqueue_cmd(conn: psycopg.AsyncConnection[Any], args: argparse.Namesp
 async def _reconcile_cmd(url: str, args: argparse.Namespace) -> int:
     report = await reconcile(url, WlSettings(), dry_run=args.dry_run)
     for d in report.differences:
-        verb = "would enqueue" if args.dry_run else "enqueued"
+        verb = ("would enqueue" if args.dry_run else "enqueued") if d.fixable else "will not fix (not our entry)"
         print(f"{d.device} {d.service_id}: desired {d.desired}, device {d.observed} ({d.detail}) -> {verb} {d.action}")
     for where, reason in report.errors:
         print(f"error {where}: {reason}", file=sys.stderr)
     print(f"checked {report.checked}, differences {len(report.differences)}, errors {len(report.errors)}")
+    if report.failed_devices:
+        print(f"wl-workers: devices not reconciled: {', '.join(sorted(report.failed_devices))}", file=sys.stderr)
     return EXIT_FAILURE if report.errors else EXIT_OK
 
 

@@ -9,7 +9,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 ACTIONS = Counter(
     "wl_device_actions",
-    "Device actions by outcome: applied, stale (older than the last applied event), transient, permanent, busy.",
+    "Device actions by outcome: applied, stale (older than the newest accepted event), transient, permanent, busy, parked.",
     ["device", "action", "outcome"],
     registry=REGISTRY,
 )
@@ -36,4 +36,14 @@ NETCHECKS = Counter(
     registry=REGISTRY,
 )
 
-COLLECTORS = (ACTIONS, FAILURES, LATENCY, RECONCILE, PAYMENT_SYNCS, NETCHECKS)
+LOCKS_LOST = Counter(
+    "wl_lock_lost",
+    "Jobs that found their service lock or device slot gone (connection lost) around a router write; each is retried and re-converged.",
+    ["device"],
+    registry=REGISTRY,
+)
+RECONCILE_DEVICES = Counter(
+    "wl_reconcile_devices", "Devices per reconcile pass, by result (ok, failed, timeout).", ["device", "result"], registry=REGISTRY
+)
+
+COLLECTORS = (ACTIONS, FAILURES, LATENCY, RECONCILE, PAYMENT_SYNCS, NETCHECKS, LOCKS_LOST, RECONCILE_DEVICES)

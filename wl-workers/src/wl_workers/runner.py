@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 
 from pg_worker import SetupError, Worker, WorkerCrashed
 from pg_worker import cli as pg_worker_cli
@@ -37,7 +38,8 @@ def worker_settings() -> WorkerSettings:
 async def _periodic_reconcile(conninfo: str, settings: WlSettings, stop: asyncio.Event) -> None:
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=settings.reconcile_interval)
+            # +-10 % jitter: the workers of a fleet do not all read every router in the same second
+            await asyncio.wait_for(stop.wait(), timeout=settings.reconcile_interval * (0.9 + 0.2 * random.random()))
         if stop.is_set():
             return
         try:
@@ -48,7 +50,10 @@ async def _periodic_reconcile(conninfo: str, settings: WlSettings, stop: asyncio
         if report is not None:
             logger.info(
                 "reconcile_finished",
-                extra={"event": "reconcile_finished", "checked": report.checked, "differences": len(report.differences), "errors": len(report.errors)},
+                extra={
+                    "event": "reconcile_finished", "checked": report.checked, "differences": len(report.differences),
+                    "enqueued": len(report.enqueued), "errors": len(report.errors), "failed_devices": sorted(report.failed_devices),
+                },
             )
 
 

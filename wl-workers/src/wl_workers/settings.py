@@ -26,9 +26,9 @@ class WlSettings(BaseSettings):
     # device calls
     http_connect_timeout: float = Field(default=3.0, gt=0)
     http_read_timeout: float = Field(default=10.0, gt=0)
-    # how long a job waits inside the handler for its service lock or a device slot before it asks for a retry
-    lock_wait: float = Field(default=10.0, gt=0)
     busy_retry_delay: float = Field(default=2.0, ge=0)
+    # how long one of a device's max_concurrent "next in line" jobs waits in its worker for a slot before parking
+    device_wait: float = Field(default=2.0, ge=0)
 
     # retry policy of device_actions: ~2 s doubling to 5 min; 12 attempts cover about half an hour of outage,
     # after which the job is dead-lettered and the periodic reconcile (if on) repairs the device later
@@ -36,8 +36,17 @@ class WlSettings(BaseSettings):
     action_base_delay: float = Field(default=2.0, ge=0)
     action_max_delay: float = Field(default=300.0, ge=0)
 
-    # periodic reconcile inside `wl-workers run` (seconds; 0 = off)
-    reconcile_interval: float = Field(default=0.0, ge=0)
+    # per-device circuit breaker: after this many consecutive transient failures, jobs for the device park (no
+    # attempt used) while one probe at a time tries it every probe interval; the first success wakes them all
+    breaker_threshold: int = Field(default=3, ge=1)
+    breaker_probe_interval: float = Field(default=0.5, gt=0)
+    park_delay: float = Field(default=60.0, gt=0)  # a parked job's own retry, should nothing wake it earlier
+
+    # periodic reconcile inside `wl-workers run` (seconds, +-10 % jitter; 0 = off)
+    reconcile_interval: float = Field(default=600.0, ge=0)
+    reconcile_concurrency: int = Field(default=4, ge=1)  # devices read at once
+    reconcile_device_budget: float = Field(default=60.0, gt=0)  # seconds one device may take in a pass
+    history_retention_days: float = Field(default=400.0, gt=0)
 
     # payments.sync
     mercadopago_api_base_url: str = Field(default="https://api.mercadopago.com", validation_alias="MERCADOPAGO_API_BASE_URL")

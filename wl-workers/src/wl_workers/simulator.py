@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 logger = logging.getLogger(__name__)
 
-MENUS = ("ip/firewall/address-list", "ppp/secret", "ppp/active")
+MENUS = ("ip/firewall/address-list", "ipv6/firewall/address-list", "ppp/secret", "ppp/active")
 # (service id, method, target, desired state) of the demo: `simulate-router --seed-demo` and `demo-seed`
 DEMO_CUSTOMERS = (
     ("cust-1001", "address-list", "10.20.0.11", "active"),
@@ -45,11 +45,12 @@ DEMO_CUSTOMERS = (
 # Fields an item gets when added without them (RouterOS fills these in).
 _DEFAULTS: dict[str, dict[str, str]] = {
     "ip/firewall/address-list": {"disabled": "false", "dynamic": "false", "comment": ""},
+    "ipv6/firewall/address-list": {"disabled": "false", "dynamic": "false", "comment": ""},
     "ppp/secret": {"disabled": "false", "service": "any", "profile": "default", "comment": ""},
     "ppp/active": {"service": "pppoe", "caller-id": "", "uptime": "0s", "encoding": "", "radius": "false"},
 }
 _API_VERBS = {"print": "GET", "add": "PUT", "set": "PATCH", "remove": "DELETE"}
-_REQUIRED = {"ip/firewall/address-list": ("list", "address"), "ppp/secret": ("name",), "ppp/active": ("name",)}
+_REQUIRED = {"ip/firewall/address-list": ("list", "address"), "ipv6/firewall/address-list": ("list", "address"), "ppp/secret": ("name",), "ppp/active": ("name",)}
 
 
 class _Reply(Exception):
@@ -80,6 +81,8 @@ class Faults:
     """What the simulated router does wrong. Counters count down per request; 0 means off."""
 
     delay: float = 0.0  # seconds added to every answer
+    method_delay: dict[str, float] = field(default_factory=dict)  # method -> seconds added to its answers (e.g. a slow PUT)
+    html_next: int = 0  # answer this many requests 200 with an HTML page (a proxy or captive portal in between)
     fail_next: int = 0  # answer this many requests with ``fail_status``
     fail_status: int = 503
     drop_next: int = 0  # close this many connections without an answer
@@ -212,7 +215,9 @@ class RouterSimulator:
             if not values.get(name):
                 raise _error(400, f"failure: missing value of {name}")
         items = self._items[menu]
-        if menu == "ip/firewall/address-list" and any(i["list"] == values["list"] and i["address"] == values["address"] for i in items):
+        if menu == "ipv6/firewall/address-list" and "/" not in values["address"]:
+            values["address"] += "/128"  # as RouterOS 7 writes an IPv6 host
+        if menu.endswith("firewall/address-list") and any(i["list"] == values["list"] and i["address"] == values["address"] for i in items):
             raise _error(400, "failure: already have such entry")
         if menu == "ppp/secret" and any(i["name"] == values["name"] for i in items):
             raise _error(400, "failure: secret with the same name already exists")
@@ -300,6 +305,9 @@ class RouterSimulator:
             if f.fail_next > 0:
                 f.fail_next -= 1
                 return "fail"
+            if f.html_next > 0:
+                f.html_next -= 1
+                return "html"
             if f.reboot_before.get(method, 0) > 0:
                 f.reboot_before[method] -= 1
                 self.reboot()
@@ -458,6 +466,9 @@ class _Handler(BaseHTTPRequestHandler):
     simulator: RouterSimulator
     protocol_version = "HTTP/1.1"
     server_version = "RouterOS-sim"
+    # headers and body go out in separate writes: with Nagle's algorithm on, they meet the client's delayed ACK
+    # and every answer takes 40 ms more than the router's own time
+    disable_nagle_algorithm = True
 
     def setup(self) -> None:
         super().setup()
@@ -510,9 +521,14 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             key = _request_key(split.query, body)
             with sim._tracking(key):
-                if sim.faults.delay:
-                    time.sleep(sim.faults.delay)
+                delay = sim.faults.delay + sim.faults.method_delay.get(method, 0.0)
+                if delay:
+                    time.sleep(delay)
                 fault = sim._take_fault(method)
+                if fault == "html":
+                    status = 200
+                    self._send_raw(200, b"<html><body>Login required</body></html>", "text/html")
+                    return
                 if fault == "drop":
                     status = 0
                     self._drop()
@@ -535,6 +551,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _send_raw(self, status: int, data: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _send(self, status: int, payload: Any) -> None:
         data = b"" if payload is None else json.dumps(payload).encode()
