@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 
 from pg_worker import dlq_name
 from tests.e2e.conftest import BIN
-from tests.e2e.tunnel import DEVICE_IP, Tunnel, wait_until
+from tests.e2e.tunnel import DEVICE_IP, DEVICE_SUBNET, Tunnel, sh, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -126,6 +127,7 @@ def site(tunnel: Tunnel, e2e_db: str) -> Site:
     s.cli("device", "add", "r1", "--host", DEVICE_IP, "--port", str(SIM_PORT), "--scheme", "http",
           "--username", "admin", "--password-ref", "env:WL_SIM_PASSWORD")  # fmt: skip
     s.cli("service", "add", SERVICE, "--device", "r1", "--method", "address-list", "--target", CUSTOMER_IP)
+    tunnel.start_owner()
     tunnel.start_wireguard()
     wait_until(tunnel.healthy, what="a handshake")
     return s
@@ -250,3 +252,81 @@ def test_the_worker_stays_up_when_the_tunnel_returns_in_time(site: Site) -> None
     assert worker.poll() is None, "the worker stayed up"
     assert '"device_network_lost"' not in site.worker_log(site.tunnel.vpn_ns)
     assert _stop(worker) == 0
+
+
+# -- issue 14: the route guard (WL_REQUIRE_ROUTE_VIA) and the route part of the self-check
+
+
+def test_the_route_guard_refuses_a_call_that_would_leave_by_another_interface(site: Site) -> None:
+    """A namespace without the owner's routes and without the tunnel (the deployment as it was, after a restart of
+    vpn-netns): the kernel would send the call, with the router's credentials, out of the compose network. The
+    guard refuses it before a packet leaves; once the namespace is the tunnel's again the job goes through."""
+    tunnel = site.tunnel
+    tunnel.restart_owner(owner=False)
+    site.start_worker(tunnel.vpn_ns, WL_REQUIRE_ROUTE_VIA=tunnel.vpn_if)
+    site.cli("deactivate", SERVICE, "--reason", "e2e")
+    site.wait_retried_with("route guard")
+    assert f"leaves by {tunnel.veth_vpn_lan}, not the tunnel {tunnel.vpn_if}" in site.service()["last_error"]
+    assert '"route_guard_refused"' in site.worker_log(tunnel.vpn_ns)
+    assert tunnel.leaked() == 0
+    assert site.queue()["dead"] == 0 and site.router_list() == []
+
+    tunnel.start_owner()
+    tunnel.start_wireguard()
+    site.wait_applied("suspended")
+    assert site.router_list() == [CUSTOMER_IP]
+    assert tunnel.leaked() == 0
+
+
+def test_wg0_deleted_under_load_nothing_leaks_and_work_resumes(site: Site) -> None:
+    tunnel = site.tunnel
+    worker = site.start_worker(tunnel.vpn_ns, WL_REQUIRE_ROUTE_VIA=tunnel.vpn_if)
+    site.cli("deactivate", SERVICE, "--reason", "e2e")
+    site.wait_applied("suspended")
+
+    stop = threading.Event()
+    sent: list[str] = []
+
+    def load() -> None:  # a steady stream of jobs for the device while the tunnel goes away
+        while not stop.is_set():
+            command = "activate" if len(sent) % 2 == 0 else "deactivate"
+            site.cli(command, SERVICE, "--reason", "e2e-load")
+            sent.append(command)
+
+    producer = threading.Thread(target=load)
+    producer.start()
+    try:
+        wait_until(lambda: len(sent) >= 2, what="load running")
+        sh("ip", "-n", tunnel.vpn_ns, "link", "delete", tunnel.vpn_if)
+        assert tunnel.entrypoint is not None and tunnel.entrypoint.wait(timeout=20) == 1
+        wait_until(lambda: "route guard" in site.service()["last_error"], what="calls refused by the route guard")
+        wait_until(lambda: len(sent) >= 6, what="more jobs while the tunnel is gone", timeout=60)
+    finally:
+        stop.set()
+        producer.join(timeout=60)
+    assert tunnel.leaked() == 0
+    if sent[-1] != "activate":
+        site.cli("activate", SERVICE, "--reason", "e2e-load")
+    tunnel.start_wireguard()  # the restart policy
+    site.wait_applied("active", timeout=60)
+    wait_until(lambda: site.queue()["messages"] == 0, what="the queue drained", timeout=60)
+    assert site.router_list() == []
+    assert site.queue()["dead"] == 0
+    assert tunnel.leaked() == 0
+    assert worker.poll() is None
+
+
+def test_the_self_check_fails_when_the_targets_are_not_routed_through_the_tunnel(site: Site) -> None:
+    """wg0 exists and is up, but the kernel no longer routes the device address through it (a namespace that is
+    not the tunnel's): /readyz says so and the worker exits so that its restart joins the right namespace."""
+    tunnel = site.tunnel
+    worker = site.start_worker(
+        tunnel.vpn_ns, WL_NETCHECK_INTERFACE=tunnel.vpn_if, WL_NETCHECK_TARGETS=f"{DEVICE_IP}:{SIM_PORT}",
+        WL_NETCHECK_INTERVAL="0.2", WL_NETCHECK_EXIT_AFTER="3", WL_NETCHECK_TIMEOUT="1",
+    )  # fmt: skip
+    wait_until(lambda: site.readyz()[0] == 200, what="ready")
+    sh("ip", "-n", tunnel.vpn_ns, "route", "delete", DEVICE_SUBNET, "dev", tunnel.vpn_if)
+    check = _wait_not_ready(site, what="/readyz 503 naming the route")
+    assert f"no route to {DEVICE_IP}" in check["detail"] and tunnel.vpn_if in check["detail"], check
+    assert worker.wait(timeout=30) == 1
+    assert tunnel.leaked() == 0

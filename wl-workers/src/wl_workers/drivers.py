@@ -94,7 +94,9 @@ def make_driver(device: Device, password: str, timeouts: Timeouts | None = None)
         api = BinaryApi(device, password, timeouts)
     else:
         raise PermanentDeviceError(f"device {device.name}: unknown driver {device.driver!r}")
-    return RouterOs(api, device.address_list)
+    from .route_guard import guard  # imports this module: imported here, not at the top
+
+    return RouterOs(guard(api, device=device.name, host=device.host), device.address_list)
 
 
 def _tls(device: Device) -> ssl.SSLContext | bool:

@@ -31,7 +31,7 @@ PAYMENT_SYNCS = Counter(
 
 NETCHECKS = Counter(
     "wl_device_network_checks",
-    "Periodic device-network self-checks by result: ok, interface (missing or down), targets (no device address answered).",
+    "Periodic device-network self-checks by result: ok, interface (missing or down), route (a target not routed through the interface), targets (no device address answered).",
     ["result"],
     registry=REGISTRY,
 )
