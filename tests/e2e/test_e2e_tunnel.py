@@ -11,6 +11,8 @@ from tests.e2e.tunnel import (
     DEVICE_IP,
     ENTRYPOINT,
     OWNER,
+    SITE_PORT,
+    SITE_UNDERLAY_IP,
     VPN_LAN_IP,
     VPN_TUNNEL_IP,
     WG_ENV,
@@ -164,3 +166,22 @@ def test_nothing_answers_a_device_address_through_the_tunnel(tunnel: Tunnel) -> 
     from_device = sh("ip", "netns", "exec", tunnel.site_ns, sys.executable, "-c", connect).strip()
     assert from_device == "TimeoutError", from_device  # dropped: no answer, not even a refusal
     assert tunnel.probe(tunnel.vpn_ns, URL)["ok"]  # the answers to our own calls still come in on wg0
+
+
+def test_the_endpoint_is_set_again_from_the_config_while_the_peer_is_silent(tunnel: Tunnel) -> None:
+    """issue 14 item 7: WireGuard resolves an Endpoint name once; the entrypoint sets it again from the config
+    while a peer has no recent handshake, which resolves the name anew (here: an address it had lost)."""
+    tunnel.start_owner()
+    env = {**WG_ENV, "WG_CONFIG": str(tunnel.client_config()), "WG_INTERFACE": tunnel.vpn_if,
+           "WG_RUN_DIR": str(tunnel.workdir / "run"), "WG_RERESOLVE_AFTER": "1", "WG_RERESOLVE_EVERY": "2"}  # fmt: skip
+    tunnel.popen(tunnel.vpn_ns, str(ENTRYPOINT), env=env)
+    wait_until(tunnel.interface_up, what="wg0 up")
+
+    def endpoint() -> str:
+        return sh("ip", "netns", "exec", tunnel.vpn_ns, "wg", "show", tunnel.vpn_if, "endpoints").split()[-1]
+
+    wait_until(lambda: endpoint() == f"{SITE_UNDERLAY_IP}:{SITE_PORT}", what="the configured endpoint")
+    sh("ip", "netns", "exec", tunnel.vpn_ns, "wg", "set", tunnel.vpn_if, "peer", tunnel.site_public,
+       "endpoint", "192.0.2.9:51820")  # fmt: skip
+    assert endpoint() == "192.0.2.9:51820"
+    wait_until(lambda: endpoint() == f"{SITE_UNDERLAY_IP}:{SITE_PORT}", what="the endpoint set again from the config", timeout=30)
