@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.compose import ROOT, example_project, flattened, for_compose_v1, load, schema_errors
+from tests.deploy.compose import ROOT, example_project, flattened, load, schema_errors
 from tests.tools import require_tools
 
 WG_EXAMPLE = ROOT / "deploy" / "wireguard" / "wg0.conf.example"
