@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
 import sys
 
 import pytest
@@ -108,7 +110,10 @@ def test_owner_restart_fails_closed_then_the_tunnel_returns(tunnel: Tunnel) -> N
     assert tunnel.probe(tunnel.vpn_ns, URL)["ok"]
 
     # docker compose restart vpn-netns: a fresh namespace, wireguard not (yet) in it
-    tunnel.restart_owner()
+    tunnel.restart_owner(owner=False)
+    assert not _owner_healthy(tunnel), "healthy before owner.sh has run"
+    tunnel.start_owner()
+    assert _owner_healthy(tunnel)  # what wireguard and the workers wait for
     down = tunnel.probe(tunnel.vpn_ns, URL)
     assert down["errno"] == errno.EHOSTUNREACH, down
     assert tunnel.leaked() == 0
@@ -185,3 +190,11 @@ def test_the_endpoint_is_set_again_from_the_config_while_the_peer_is_silent(tunn
        "endpoint", "192.0.2.9:51820")  # fmt: skip
     assert endpoint() == "192.0.2.9:51820"
     wait_until(lambda: endpoint() == f"{SITE_UNDERLAY_IP}:{SITE_PORT}", what="the endpoint set again from the config", timeout=30)
+
+
+def _owner_healthy(tunnel: Tunnel) -> bool:
+    """The vpn-netns service's healthcheck (deploy/netns/healthcheck.sh), run in its namespace."""
+    env = {**os.environ, "WG_READY_FILE": str(tunnel.workdir / "owner.ready")}
+    check = subprocess.run(["ip", "netns", "exec", tunnel.vpn_ns, str(OWNER.with_name("healthcheck.sh"))], env=env,
+                           capture_output=True, text=True, timeout=30)  # fmt: skip
+    return check.returncode == 0

@@ -22,7 +22,7 @@ import pytest
 
 from pg_worker import dlq_name
 from tests.e2e.conftest import BIN, E2ePg
-from tests.e2e.tunnel import DEVICE_IP, DEVICE_SUBNET, Tunnel, sh, wait_until
+from tests.e2e.tunnel import DEVICE_IP, DEVICE_SUBNET, ENTRYPOINT, Tunnel, sh, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -275,6 +275,27 @@ def test_the_route_guard_refuses_a_call_that_would_leave_by_another_interface(si
 
     tunnel.start_owner()
     tunnel.start_wireguard()
+    site.wait_applied("suspended")
+    assert site.router_list() == [CUSTOMER_IP]
+    assert tunnel.leaked() == 0
+
+
+def test_wireguard_failing_at_first_start_sends_no_credentials_anywhere(site: Site) -> None:
+    """issue 14 (b): a malformed key at wireguard's first start in a new namespace. The owner's routes and the
+    route guard keep every call in; once wireguard starts with a good config, the job goes through."""
+    tunnel = site.tunnel
+    tunnel.restart_owner()
+    config = tunnel.client_config()
+    config.write_text(config.read_text().replace(tunnel.vpn_private, "not-a-key"))
+    env = {"WG_CONFIG": str(config), "WG_INTERFACE": tunnel.vpn_if, "WG_RUN_DIR": str(tunnel.workdir / "run"),
+           "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}  # fmt: skip
+    assert tunnel.popen(tunnel.vpn_ns, str(ENTRYPOINT), env=env).wait(timeout=20) != 0
+    site.start_worker(tunnel.vpn_ns, WL_REQUIRE_ROUTE_VIA=tunnel.vpn_if)
+    site.cli("deactivate", SERVICE, "--reason", "e2e")
+    site.wait_retried_with("route guard")
+    assert f"no route to {DEVICE_IP}" in site.service()["last_error"]
+    assert tunnel.leaked() == 0 and site.router_list() == []
+    tunnel.start_wireguard()  # client_config() writes the good key again
     site.wait_applied("suspended")
     assert site.router_list() == [CUSTOMER_IP]
     assert tunnel.leaked() == 0

@@ -187,6 +187,7 @@ class Tunnel:
                            for ns, dev in ((self.site_ns, self.veth_site), (self.lan_ns, self.veth_lan)))  # fmt: skip
 
         wait_until(peers_gone, what="the old namespace's veth pairs gone")
+        (self.workdir / "owner.ready").unlink(missing_ok=True)  # the old container's file went with it
         self._make_vpn_namespace()
         if owner:
             self.start_owner()
