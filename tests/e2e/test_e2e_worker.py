@@ -270,6 +270,8 @@ def test_the_route_guard_refuses_a_call_that_would_leave_by_another_interface(si
     site.wait_retried_with("route guard")
     assert f"leaves by {tunnel.veth_vpn_lan}, not the tunnel {tunnel.vpn_if}" in site.service()["last_error"]
     assert '"route_guard_refused"' in site.worker_log(tunnel.vpn_ns)
+    metrics = tunnel.probe(tunnel.vpn_ns, f"http://127.0.0.1:{METRICS_PORT}/metrics")
+    assert 'wl_route_guard_refusals_total{device="r1",reason="other_interface"}' in metrics["body"]
     assert tunnel.leaked() == 0
     assert site.queue()["dead"] == 0 and site.router_list() == []
 

@@ -36,4 +36,12 @@ NETCHECKS = Counter(
     registry=REGISTRY,
 )
 
-COLLECTORS = (ACTIONS, FAILURES, LATENCY, RECONCILE, PAYMENT_SYNCS, NETCHECKS)
+ROUTE_GUARD_REFUSALS = Counter(
+    "wl_route_guard_refusals",
+    "Router calls refused because the kernel would not route the device address through the tunnel interface "
+    "(WL_REQUIRE_ROUTE_VIA), by reason: no_route, other_interface.",
+    ["device", "reason"],
+    registry=REGISTRY,
+)
+
+COLLECTORS = (ACTIONS, FAILURES, LATENCY, RECONCILE, PAYMENT_SYNCS, NETCHECKS, ROUTE_GUARD_REFUSALS)

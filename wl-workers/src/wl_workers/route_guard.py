@@ -26,21 +26,13 @@ import socket
 import struct
 from collections.abc import Mapping
 
-from prometheus_client import Counter
-
 from .drivers import MenuApi, TransientDeviceError
-from .metrics import REGISTRY
+from .metrics import ROUTE_GUARD_REFUSALS
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "WL_REQUIRE_ROUTE_VIA"
 
-REFUSED = Counter(
-    "wl_route_guard_refusals",
-    "Router calls refused because the kernel would not route the device address through the tunnel interface.",
-    ["device", "reason"],
-    registry=REGISTRY,
-)
 
 # linux/netlink.h, linux/rtnetlink.h
 NETLINK_ROUTE = 0
@@ -161,7 +153,7 @@ class RouteGuardedApi:
             problem = route_problem(address, self._interface)
             if problem is not None:
                 reason = "no_route" if problem.startswith("no route") else "other_interface"
-                REFUSED.labels(device=self._device, reason=reason).inc()
+                ROUTE_GUARD_REFUSALS.labels(device=self._device, reason=reason).inc()
                 # the reason names addresses and interfaces, never the device's credentials
                 logger.warning(
                     "route_guard_refused",
