@@ -26,10 +26,37 @@ wg-quick up "$RUN_DIR/$IFACE.conf"
 for cidr in $(wg show "$IFACE" allowed-ips | cut -f2- | tr ' ' '\n' | grep -v '^(none)$' | grep -v ':' || true); do
     ip route replace unreachable "$cidr" metric "$FALLBACK_METRIC"
 done
+# WireGuard resolves an Endpoint host name once, when it is set. A site whose address changes (dynamic DNS) would
+# never be reached again: while a peer has had no handshake for RERESOLVE_AFTER seconds (a session is renewed
+# every 2 minutes while packets flow), set its endpoint again from the config, which resolves the name anew
+# (what wireguard-tools' contrib/reresolve-dns does).
+RERESOLVE_AFTER="${WG_RERESOLVE_AFTER:-135}"
+RERESOLVE_EVERY="${WG_RERESOLVE_EVERY:-30}"
+reresolve() {
+    now="$(date +%s)"
+    awk '/^\[Peer\]/ { peer = 1; key = ""; ep = ""; next }
+         /^\[/ { peer = 0 }
+         peer && tolower($0) ~ /^[ \t]*publickey[ \t]*=/ { sub(/^[^=]*=[ \t]*/, ""); key = $0 }
+         peer && tolower($0) ~ /^[ \t]*endpoint[ \t]*=/ { sub(/^[^=]*=[ \t]*/, ""); ep = $0 }
+         peer && key != "" && ep != "" { print key, ep; key = ""; ep = "" }' "$RUN_DIR/$IFACE.conf" |
+    while read -r key endpoint; do
+        latest="$(wg show "$IFACE" latest-handshakes 2>/dev/null | awk -v k="$key" '$1 == k { print $2 }' || true)"
+        if [ $((now - ${latest:-0})) -gt "$RERESOLVE_AFTER" ]; then
+            wg set "$IFACE" peer "$key" endpoint "$endpoint" 2>/dev/null ||
+                echo "wireguard: cannot resolve the endpoint $endpoint yet; retrying" >&2
+        fi
+    done
+}
 trap 'wg-quick down "$RUN_DIR/$IFACE.conf"; exit 0' TERM INT
+ticks=0
 while ip link show "$IFACE" >/dev/null 2>&1; do
     sleep 2 &
     wait $! || true
+    ticks=$((ticks + 2))
+    if [ "$ticks" -ge "$RERESOLVE_EVERY" ]; then
+        ticks=0
+        reresolve
+    fi
 done
 echo "wireguard: $IFACE is gone, exiting so that the restart policy starts it again" >&2
 exit 1

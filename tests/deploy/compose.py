@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,11 +40,44 @@ def flattened(root: Path = ROOT) -> dict[str, Any]:
         for name, service in included.get("services", {}).items():
             assert name not in model["services"], f"{name} is defined twice"
             service["volumes"] = [_rebase(v, path.parent, root) for v in service.get("volumes", [])]
+            if "env_file" in service:
+                service["env_file"] = [
+                    str((path.parent / f).resolve().relative_to(root.resolve())) for f in service["env_file"]
+                ]
             model["services"][name] = service
         for section in ("volumes", "networks", "secrets"):
             for name, value in (included.get(section) or {}).items():
                 model.setdefault(section, {}).setdefault(name, value)
     return model
+
+
+def for_compose_v1(model: dict[str, Any]) -> dict[str, Any]:
+    """The model without the Compose v2 keys that Debian's docker-compose 1.29 does not know (top-level ``name``,
+    ``restart``/``required`` in ``depends_on``); they are validated against the Compose v2 schema instead
+    (:func:`schema_errors`)."""
+    model = copy.deepcopy(model)
+    model.pop("name", None)
+    for service in model["services"].values():
+        depends_on = service.get("depends_on") or {}
+        for spec in depends_on.values() if isinstance(depends_on, dict) else ():
+            if isinstance(spec, dict):
+                spec.pop("restart", None)
+                spec.pop("required", None)
+    return model
+
+
+def schema_errors(model: dict[str, Any]) -> str | None:
+    """Why ``model`` breaks the Compose Specification's JSON schema (what Compose v2 validates against), or None.
+
+    ``compose-spec.json`` is compose-spec/compose-spec's schema/compose-spec.json at commit 170098ba07d9 (Apache-2.0)."""
+    import fastjsonschema
+
+    validate = fastjsonschema.compile(json.loads((Path(__file__).with_name("compose-spec.json")).read_text()))
+    try:
+        validate(model)
+    except fastjsonschema.JsonSchemaException as exc:
+        return str(exc.message)
+    return None
 
 
 def example_project(dest: Path) -> Path:
@@ -51,5 +86,5 @@ def example_project(dest: Path) -> Path:
     shutil.copyfile(ROOT / ".env.example", dest / ".env")
     for example in dest.joinpath("deploy").rglob("*.example"):
         shutil.copyfile(example, example.with_suffix(""))
-    (dest / "docker-compose.yml").write_text(yaml.safe_dump(flattened(), sort_keys=False))
+    (dest / "docker-compose.yml").write_text(yaml.safe_dump(for_compose_v1(flattened()), sort_keys=False))
     return dest

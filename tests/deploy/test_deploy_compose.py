@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.compose import ROOT, example_project, flattened, load
+from tests.deploy.compose import ROOT, example_project, flattened, load, schema_errors
 from tests.tools import require_tools
 
 WG_EXAMPLE = ROOT / "deploy" / "wireguard" / "wg0.conf.example"
-LONG_RUNNING = ("postgres", "vpn-netns", "wireguard", "wl-workers", "payment-webhook", "prometheus", "grafana")
+LONG_RUNNING = ("postgres", "vpn-netns", "wireguard", "wl-workers", "payment-webhook", "prometheus", "alertmanager", "grafana")
+ROLE_SECRETS = ("wl_migrate", "wl_worker", "wl_webhook")
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +36,40 @@ def _wg_example() -> dict[str, list[str]]:
     return values
 
 
+def _compose_env(project: Path) -> dict[str, str]:
+    secrets = project / "secrets"
+    secrets.mkdir(exist_ok=True)
+    for role in ROLE_SECRETS:
+        (secrets / role).write_text("not-a-real-password-0123456789\n")
+    return {**os.environ, "WIREGUARD_CONFIG": str(project / "deploy" / "wireguard" / "wg0.conf"), "DB_SECRETS_DIR": str(secrets)}
+
+
+def _compose_config(project: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["docker-compose", "--project-directory", str(project), "-f", str(project / "docker-compose.yml"), *extra, "config", "-q"],
+        capture_output=True, text=True, env=_compose_env(project), cwd=project, timeout=60,
+    )  # fmt: skip
+
+
+def test_compose_v2_schema_accepts_both_files_and_rejects_a_broken_one() -> None:
+    """The Compose Specification's schema (what Compose v2 validates with) accepts the files as written, with the
+    v2-only keys 1.29 cannot check (name, depends_on restart), and refuses an unknown depends_on option."""
+    for path in (ROOT / "docker-compose.yml", ROOT / "deploy" / "observability" / "compose.yml"):
+        assert schema_errors(load(path)) is None, path
+    broken = load()
+    broken["services"]["wl-workers"]["depends_on"]["vpn-netns"]["restart_with"] = True
+    assert schema_errors(broken) is not None
+
+
 def test_compose_config_is_valid(tmp_path: Path) -> None:
     """Debian's docker-compose 1.29 parses and validates the model (include: merged in, examples copied)."""
     require_tools("docker-compose")
     project = example_project(tmp_path)
-    env = {**os.environ, "WIREGUARD_CONFIG": str(project / "deploy" / "wireguard" / "wg0.conf")}
+    env = _compose_env(project)
     for extra in ([], ["--profile", "observability"]):
-        result = subprocess.run(
-            ["docker-compose", "--project-directory", str(project), "-f", str(project / "docker-compose.yml"),
-             *extra, "config", "-q"],
-            capture_output=True, text=True, env=env, cwd=project, timeout=60,
-        )  # fmt: skip
+        result = _compose_config(project, *extra)
         assert result.returncode == 0, result.stderr
+    assert env["DB_SECRETS_DIR"]
 
 
 def test_compose_config_rejects_a_broken_model(tmp_path: Path) -> None:
@@ -56,11 +79,7 @@ def test_compose_config_rejects_a_broken_model(tmp_path: Path) -> None:
     model = load(project / "docker-compose.yml")
     model["services"]["wl-workers"]["networks"] = ["default"]
     (project / "docker-compose.yml").write_text(yaml.safe_dump(model))
-    env = {**os.environ, "WIREGUARD_CONFIG": str(project / "deploy" / "wireguard" / "wg0.conf")}
-    result = subprocess.run(
-        ["docker-compose", "--project-directory", str(project), "-f", str(project / "docker-compose.yml"), "config", "-q"],
-        capture_output=True, text=True, env=env, cwd=project, timeout=60,
-    )  # fmt: skip
+    result = _compose_config(project)
     assert result.returncode != 0 and "cannot be combined" in result.stderr
 
 
@@ -68,7 +87,11 @@ def test_workers_share_the_vpn_namespace_owner(services: dict[str, Any]) -> None
     for name, service in services.items():  # one network: the owner, postgres and Prometheus meet on it
         assert "networks" not in service, name
     owner = services["vpn-netns"]
-    assert owner["command"] == ["sleep", "infinity"] and "network_mode" not in owner
+    # the owner makes the namespace fail closed (deploy/netns/owner.sh) and is healthy only once it has
+    assert owner["build"] == {"context": "deploy/netns"} and "network_mode" not in owner
+    assert owner["cap_add"] == ["NET_ADMIN"] and owner["healthcheck"]["test"] == ["CMD", "/usr/local/bin/healthcheck.sh"]
+    assert [s["target"] for s in owner["secrets"]] == ["wg0.conf"]  # its AllowedIPs are the device subnets
+    assert "ENTRYPOINT [\"/usr/local/bin/owner.sh\"]" in (ROOT / "deploy" / "netns" / "Dockerfile").read_text()
     for name in ("wireguard", "wl-workers"):
         assert services[name]["network_mode"] == "service:vpn-netns", name
         for forbidden in ("networks", "ports", "hostname", "dns", "extra_hosts"):
@@ -91,13 +114,14 @@ def test_prometheus_scrapes_the_workers_through_the_namespace_owner() -> None:
 
 
 def test_start_order_and_restart_policies(services: dict[str, Any]) -> None:
-    assert services["postgres"]["healthcheck"]["test"][1].startswith("pg_isready")
+    assert services["postgres"]["healthcheck"]["test"][1].startswith("pg_isready -h 127.0.0.1 ")
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    assert "pg-worker install && wl-workers migrate" in services["migrate"]["entrypoint"][-1]
-    assert services["migrate-webhook"]["command"] == ["migrate"]
-    for name in ("wl-workers", "payment-webhook"):
-        conditions = {dep: spec["condition"] for dep, spec in services[name]["depends_on"].items()}
-        assert conditions.get("migrate-webhook") == "service_completed_successfully", name
+    migrate = services["migrate"]["command"][-1]
+    assert "pg-worker install && wl-workers migrate && python /opt/widelink/roles.py worker" in migrate
+    assert "for attempt in" in migrate and "sleep 5" in migrate, "a first start on a fresh volume may need retries"
+    assert "payment-webhook migrate && python /opt/widelink/roles.py webhook" in services["migrate-webhook"]["command"][-1]
+    assert services["wl-workers"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert services["payment-webhook"]["depends_on"]["migrate-webhook"]["condition"] == "service_completed_successfully"
     for name in LONG_RUNNING:
         assert services[name]["restart"] == "unless-stopped", name
     for name in ("migrate", "migrate-webhook"):
@@ -169,3 +193,81 @@ def test_the_workers_self_check_watches_the_tunnel_interface(services: dict[str,
     config = WlSettings().netcheck()
     assert config is not None and config.interface == "wg0" and config.exit_after == 60
     assert "WL_NETCHECK_TARGETS=" in example and "WL_NETCHECK_EXIT_AFTER=" in example
+
+
+# -- issue 14 -------------------------------------------------------------------------------------------------
+
+
+def test_restarting_the_namespace_owner_restarts_wireguard_and_the_workers(services: dict[str, Any]) -> None:
+    """Without restart: true compose restarts neither into the owner's new namespace (the workers then ran with no
+    tunnel, and wireguard stayed in the orphaned one): compose #6626, #10263."""
+    assert services["wireguard"]["depends_on"]["vpn-netns"] == {"condition": "service_healthy", "restart": True}
+    workers = services["wl-workers"]["depends_on"]
+    assert workers["vpn-netns"] == {"condition": "service_healthy", "restart": True}
+    assert workers["wireguard"] == {"condition": "service_started", "restart": True}
+    assert services["wl-workers"]["environment"]["WL_REQUIRE_ROUTE_VIA"] == "wg0"
+
+
+def _refers_to_webhook(service: dict[str, Any]) -> list[str]:
+    text = yaml.safe_dump({k: service.get(k) for k in ("depends_on", "env_file", "secrets", "image", "build", "volumes")})
+    return [word for word in ("webhook", "payment") if word in text]
+
+
+def test_the_workers_do_not_depend_on_the_webhook_in_any_way(tmp_path: Path) -> None:
+    """issue 14 item 6: the project without payment-webhook's services, image (Dockerfile, package), env file and
+    role password is a valid compose project, and nothing the workers need refers to the webhook."""
+    require_tools("docker-compose")
+    project = example_project(tmp_path)
+    model = load(project / "docker-compose.yml")
+    for name in ("payment-webhook", "migrate-webhook"):
+        del model["services"][name]
+    del model["secrets"]["wl_webhook"]
+    (project / "docker-compose.yml").write_text(yaml.safe_dump(model))
+    for path in project.joinpath("deploy", "env").glob("payment-webhook.env*"):
+        path.unlink()
+    assert not (project / "payment-webhook").exists()  # the image's sources were never copied
+    result = _compose_config(project)
+    assert result.returncode == 0, result.stderr
+    (project / "secrets" / "wl_webhook").unlink()
+    result = _compose_config(project)
+    assert result.returncode == 0, result.stderr
+    for name in ("postgres", "migrate", "vpn-netns", "wireguard", "wl-workers"):
+        assert not _refers_to_webhook(model["services"][name]), name
+    # the workers' migrate step runs only wl-workers' own image's commands and the worker role
+    assert "payment-webhook" not in model["services"]["migrate"]["command"][-1]
+
+
+def test_every_service_drops_capabilities_and_rotates_its_logs(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        assert service.get("cap_drop") == ["ALL"], f"{name}: cap_drop [ALL], then add back only what it needs"
+        logging = service.get("logging") or {}
+        assert logging.get("driver") == "json-file" and logging["options"]["max-size"], f"{name}: no log rotation"
+    assert services["wl-workers"].get("cap_add") is None and services["payment-webhook"].get("cap_add") is None
+    assert services["wireguard"]["cap_add"] == ["NET_ADMIN"]
+
+
+def test_the_project_name_is_fixed() -> None:
+    assert load()["name"] == "widelink"  # volumes are widelink_postgres-data whatever the checkout's folder
+
+
+def test_each_service_connects_as_its_own_role_with_a_password_from_a_secret_file(services: dict[str, Any]) -> None:
+    model = load()
+    for role in ROLE_SECRETS:
+        assert model["secrets"][role]["file"].startswith("${DB_SECRETS_DIR:?"), role
+    expected = {"migrate": "wl_migrate", "migrate-webhook": "wl_migrate", "wl-workers": "wl_worker", "payment-webhook": "wl_webhook"}
+    for name, role in expected.items():
+        service = services[name]
+        assert service["environment"]["DB_ROLE"] == role, name
+        assert role in service["secrets"], name
+        assert 'PGPASSWORD="$$(cat "/run/secrets/$$DB_ROLE")"' in service["entrypoint"][2], name
+        granted = {s if isinstance(s, str) else s["source"] for s in service["secrets"]}
+        assert granted <= {role, "wl_worker", "wl_webhook"}, f"{name} gets secrets it does not need: {granted}"
+    assert services["postgres"]["environment"]["POSTGRES_USER"] == "wl_migrate"
+    assert "cat /run/secrets/wl_migrate" in services["postgres"]["entrypoint"][2]
+    for example in (ROOT / "deploy" / "env").glob("*.env.example"):
+        for line in example.read_text().splitlines():
+            if line.startswith("DATABASE_URL="):
+                url = line.partition("=")[2]
+                assert re.fullmatch(r"postgresql://wl_\w+@postgres:5432/widelink", url), f"{example.name}: {url}"
+        assert "install -m 600" in example.read_text(), f"{example.name}: the copy must be private (mode 600)"
+    assert "install -m 600" in (ROOT / ".env.example").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import venv
@@ -91,3 +92,14 @@ def test_entrypoint_starts_from_wheels(image: Image, image_venv: tuple[Path, Pat
     result = subprocess.run([str(bin_dir / image.script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout.lower()
+
+
+def test_base_images_are_pinned_and_python_is_the_tested_version() -> None:
+    """issue 14: a floating tag rebuilds into something untested; the images run the Python the tests run (3.11)."""
+    for dockerfile in DOCKERFILES:
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("FROM "):
+                image = line.split()[1]
+                assert re.search(r":\d+\.\d+\.\d+", image), f"{dockerfile}: {image} is not pinned to a patch release"
+                if image.startswith("python:"):
+                    assert image.startswith("python:3.11."), f"{dockerfile}: {image} (tests run on Python 3.11)"

@@ -6,8 +6,12 @@
 - ``<tag>-site`` plays the ISP site: the remote WireGuard peer (wireguard-go) and the device address
   ``DEVICE_IP`` on its loopback, which exists nowhere else.
 - ``<tag>-out`` plays a container outside the VPN (payment-webhook's view): loopback only.
-The two ends talk over a veth pair with TEST-NET-1 addresses. No namespace has a default route, so nothing can
-leave them; PostgreSQL is reached through its Unix socket (a path, shared by all namespaces).
+- ``<tag>-lan`` plays the compose network seen from the vpn namespace: the vpn namespace's default route points
+  there (TEST-NET-2), as Docker's does, and it counts every packet for the device subnet that arrives (nftables):
+  a packet counted there is one that left by the wrong door (:meth:`Tunnel.leaked`).
+The two ends talk over a veth pair with TEST-NET-1 addresses. Nothing leaves the test's namespaces: the LAN
+namespace has no route onwards; PostgreSQL is reached through its Unix socket (a path, shared by all namespaces).
+``deploy/netns/owner.sh`` (the vpn-netns service) is run by :meth:`Tunnel.start_owner`.
 Keys are generated at set-up with ``wg genkey`` and live only in a temporary directory.
 """
 
@@ -17,6 +21,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,9 +35,11 @@ DEVICE_IP = "10.250.7.10"
 DEVICE_SUBNET = "10.250.7.0/24"
 VPN_TUNNEL_IP, SITE_TUNNEL_IP = "10.250.0.1", "10.250.0.2"
 VPN_UNDERLAY_IP, SITE_UNDERLAY_IP = "192.0.2.1", "192.0.2.2"
+VPN_LAN_IP, LAN_GATEWAY_IP = "198.51.100.2", "198.51.100.1"
 SITE_PORT = 51820
 ENTRYPOINT = Path(__file__).resolve().parents[2] / "deploy" / "wireguard" / "entrypoint.sh"
 HEALTHCHECK = ENTRYPOINT.with_name("healthcheck.sh")
+OWNER = ENTRYPOINT.parents[1] / "netns" / "owner.sh"
 PROBE = Path(__file__).with_name("probe.py")
 WG_ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
 _counter = itertools.count()
@@ -105,9 +112,11 @@ class Tunnel:
         pid = os.getpid()
         self.tag = f"{PREFIX}{pid}-{n}"
         self.vpn_ns, self.site_ns, self.out_ns = f"{self.tag}-vpn", f"{self.tag}-site", f"{self.tag}-out"
+        self.lan_ns = f"{self.tag}-lan"
         suffix = f"{pid}x{n}"  # interface names: at most 15 characters, unique on the machine
         self.vpn_if, self.site_if = f"wgv{suffix}", f"wgs{suffix}"
         self.veth_vpn, self.veth_site = f"vev{suffix}", f"ves{suffix}"
+        self.veth_vpn_lan, self.veth_lan = f"vel{suffix}", f"vla{suffix}"
         self.workdir = workdir
         self.processes: list[subprocess.Popen[str]] = []
         self.entrypoint: subprocess.Popen[str] | None = None
@@ -117,21 +126,83 @@ class Tunnel:
     # -- set-up -----------------------------------------------------------------------------------------------
 
     def open(self) -> Tunnel:
-        for ns in (self.vpn_ns, self.site_ns, self.out_ns):
-            sh("ip", "netns", "add", ns)
-            self._namespaces.append(ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "link", "add", self.veth_vpn, "netns", self.vpn_ns, "type", "veth", "peer", "name", self.veth_site,
-           "netns", self.site_ns)  # fmt: skip
-        for ns, dev, ip in (
-            (self.vpn_ns, self.veth_vpn, VPN_UNDERLAY_IP),
-            (self.site_ns, self.veth_site, SITE_UNDERLAY_IP),
-        ):
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
+        for ns in (self.site_ns, self.out_ns, self.lan_ns):
+            self._add_namespace(ns)
+        # the compose network's view of anything arriving for the device subnet: counted, then dropped
+        sh("ip", "netns", "exec", self.lan_ns, "nft", "-f", "-", input=(
+            "table ip leak {\n chain pre {\n type filter hook prerouting priority -300; policy accept;\n"
+            f" ip daddr {DEVICE_SUBNET} counter drop\n }}\n}}\n"
+        ))  # fmt: skip
+        self._make_vpn_namespace()
         sh("ip", "-n", self.site_ns, "addr", "add", f"{DEVICE_IP}/32", "dev", "lo")
         self._start_site_peer()
         return self
+
+    def _add_namespace(self, ns: str) -> None:
+        sh("ip", "netns", "add", ns)
+        self._namespaces.append(ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def _make_vpn_namespace(self) -> None:
+        """A fresh vpn namespace, as each start of the vpn-netns container makes: lo, the underlay to the site,
+        and eth0 on the compose network with the default route. No fallback routes: that is the owner's job."""
+        self._add_namespace(self.vpn_ns)
+        for peer_ns, vpn_dev, peer_dev, vpn_ip, peer_ip in (
+            (self.site_ns, self.veth_vpn, self.veth_site, VPN_UNDERLAY_IP, SITE_UNDERLAY_IP),
+            (self.lan_ns, self.veth_vpn_lan, self.veth_lan, VPN_LAN_IP, LAN_GATEWAY_IP),
+        ):
+            sh("ip", "link", "add", vpn_dev, "netns", self.vpn_ns, "type", "veth", "peer", "name", peer_dev,
+               "netns", peer_ns)  # fmt: skip
+            for ns, dev, ip in ((self.vpn_ns, vpn_dev, vpn_ip), (peer_ns, peer_dev, peer_ip)):
+                sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev)
+                sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", self.vpn_ns, "route", "add", "default", "via", LAN_GATEWAY_IP)
+
+    def leaked(self) -> int:
+        """Packets for the device subnet that reached the compose network (they must never)."""
+        out = sh("ip", "netns", "exec", self.lan_ns, "nft", "list", "table", "ip", "leak")
+        match = re.search(r"counter packets (\d+)", out)
+        assert match, out
+        return int(match.group(1))
+
+    def start_owner(self, *, subnets: str | None = None) -> None:
+        """What each start of the vpn-netns container does first in its namespace (deploy/netns/owner.sh)."""
+        env = {"WG_CONFIG": str(self.client_config()), "WG_INTERFACE": self.vpn_if, "OWNER_ONESHOT": "1",
+               "WG_READY_FILE": str(self.workdir / "owner.ready")}  # fmt: skip
+        if subnets is not None:
+            env["WG_DEVICE_SUBNETS"] = subnets
+        sh("ip", "netns", "exec", self.vpn_ns, str(OWNER), env=env)
+
+    def restart_owner(self, *, owner: bool = True) -> None:
+        """``docker compose restart vpn-netns``: the namespace and everything in it go (with ``restart: true``
+        compose stops wireguard and the workers with it); a new namespace comes, set up by the owner (or, with
+        ``owner=False``, bare: the deployment before the owner installed anything)."""
+        self.kill_namespace_processes(self.vpn_ns)
+        sh("ip", "netns", "delete", self.vpn_ns)
+        self._namespaces.remove(self.vpn_ns)
+        Path(f"/var/run/wireguard/{self.vpn_if}.sock").unlink(missing_ok=True)
+        # the kernel destroys a namespace (and the veth pairs that end in it) after the last reference is gone
+        def peers_gone() -> bool:
+            return not any(sh("ip", "-n", ns, "link", "show", dev, check=False)
+                           for ns, dev in ((self.site_ns, self.veth_site), (self.lan_ns, self.veth_lan)))  # fmt: skip
+
+        wait_until(peers_gone, what="the old namespace's veth pairs gone")
+        (self.workdir / "owner.ready").unlink(missing_ok=True)  # the old container's file went with it
+        self._make_vpn_namespace()
+        if owner:
+            self.start_owner()
+
+    def kill_namespace_processes(self, ns: str) -> None:
+        for pid in sh("ip", "netns", "pids", ns, check=False).split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+        def gone() -> bool:
+            for process in self.processes:
+                process.poll()  # reaps the killed ones: a zombie would still be listed
+            return not sh("ip", "netns", "pids", ns, check=False).split()
+
+        wait_until(gone, what=f"the processes of {ns} gone")
 
     def _keypair(self, name: str) -> tuple[str, str]:
         private = sh("wg", "genkey").strip()

@@ -107,6 +107,9 @@ def make_driver(device: Device, password: str, timeouts: Timeouts | None = None,
         api = BinaryApi(device, password, timeouts)
     else:
         raise PermanentDeviceError(f"device {device.name}: unknown driver {device.driver!r}")
+    from .route_guard import guard as route_guard  # imports this module: imported here, not at the top
+
+    api = route_guard(api, device=device.name, host=device.host)
     if guard is not None:
         api = GuardedApi(api, guard)
     return RouterOs(api, device.address_list, own_entries_only=getattr(device, "own_entries_only", True))

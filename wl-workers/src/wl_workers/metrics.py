@@ -31,7 +31,7 @@ PAYMENT_SYNCS = Counter(
 
 NETCHECKS = Counter(
     "wl_device_network_checks",
-    "Periodic device-network self-checks by result: ok, interface (missing or down), targets (no device address answered).",
+    "Periodic device-network self-checks by result: ok, interface (missing or down), route (a target not routed through the interface), targets (no device address answered).",
     ["result"],
     registry=REGISTRY,
 )
@@ -46,4 +46,12 @@ RECONCILE_DEVICES = Counter(
     "wl_reconcile_devices", "Devices per reconcile pass, by result (ok, failed, timeout).", ["device", "result"], registry=REGISTRY
 )
 
-COLLECTORS = (ACTIONS, FAILURES, LATENCY, RECONCILE, PAYMENT_SYNCS, NETCHECKS, LOCKS_LOST, RECONCILE_DEVICES)
+ROUTE_GUARD_REFUSALS = Counter(
+    "wl_route_guard_refusals",
+    "Router calls refused because the kernel would not route the device address through the tunnel interface "
+    "(WL_REQUIRE_ROUTE_VIA), by reason: no_route, other_interface.",
+    ["device", "reason"],
+    registry=REGISTRY,
+)
+
+COLLECTORS = (ACTIONS, FAILURES, LATENCY, RECONCILE, PAYMENT_SYNCS, NETCHECKS, LOCKS_LOST, RECONCILE_DEVICES, ROUTE_GUARD_REFUSALS)

@@ -44,7 +44,7 @@ class DeviceNetworkDown(Exception):
     def __init__(self, reason: str, *, kind: str) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.kind = kind  # "interface" or "targets": the metric's label
+        self.kind = kind  # "interface", "route" or "targets": the metric's label
 
 
 class DeviceNetworkLost(RuntimeError):
@@ -142,12 +142,29 @@ async def _connect_problem(target: Target, limit: float) -> str | None:
     return None
 
 
+def _route_problem(host: str, interface: str) -> str | None:
+    from .route_guard import route_problem  # imports drivers, which this module must not import at load time
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a name: resolved at connect time, checked by the route guard before each router call
+    return route_problem(host, interface)
+
+
 async def check(config: NetcheckConfig) -> None:
     """Returns when the device network looks usable; raises :class:`DeviceNetworkDown` with the reason if not."""
     if config.interface is not None:
         problem = interface_problem(config.interface)
         if problem is not None:
             raise DeviceNetworkDown(problem, kind="interface")
+    if config.interface is not None:
+        # wg0 may exist while the namespace is not the tunnel's (an orphaned namespace after its owner restarted,
+        # routes gone): the kernel's routing decision for each target must use the interface
+        for target in config.targets:
+            problem = _route_problem(target.host, config.interface)
+            if problem is not None:
+                raise DeviceNetworkDown(problem, kind="route")
     if config.targets:
         problems = await asyncio.gather(*(_connect_problem(t, config.connect_timeout) for t in config.targets))
         if all(p is not None for p in problems):

@@ -60,8 +60,11 @@ class WlSettings(BaseSettings):
     netcheck_interval: float = Field(default=10.0, gt=0)
     netcheck_exit_after: float = Field(default=60.0, ge=0)  # 0 = never exit, readiness only
     netcheck_timeout: float = Field(default=3.0, gt=0)
+    # route guard (wl_workers/route_guard.py): refuse a router call unless the kernel routes it through this
+    # interface. Read by the driver from WL_REQUIRE_ROUTE_VIA; declared here so a bad name stops `run` at start.
+    require_route_via: str | None = None
 
-    @field_validator("netcheck_interface")
+    @field_validator("netcheck_interface", "require_route_via")
     @classmethod
     def _interface_name(cls, value: str | None) -> str | None:
         value = value.strip() if value is not None else None
