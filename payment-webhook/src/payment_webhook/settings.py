@@ -105,8 +105,8 @@ class WebhookSettings(BaseSettings):
     event_max_ahead_seconds: float = Field(default=300.0, ge=0)
     max_body_bytes: int = Field(default=64 * 1024, ge=1)
     # Bounded resources: the whole body must arrive within body_timeout_seconds (a trickling client gets 408 and
-    # is disconnected); idle keep-alive connections close after keep_alive_seconds; beyond max_connections
-    # connections (or requests in flight), uvicorn answers 503 at once.
+    # is disconnected); idle keep-alive connections close after keep_alive_seconds; once max_connections
+    # connections are open (or requests in flight, the new one counted), uvicorn answers 503 at once.
     body_timeout_seconds: float = Field(default=10.0, gt=0)
     keep_alive_seconds: int = Field(default=5, ge=1)
     max_connections: int = Field(default=200, ge=1)
