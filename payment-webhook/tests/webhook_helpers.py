@@ -126,8 +126,8 @@ def serve_process(db_url: str, extra_env: dict[str, str] | None = None) -> Itera
             if not line:
                 break
             lines.append(line)
-            match = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
-            if match:
+            match = re.search(r"Uvicorn running on (http://127\.0\.0\.1:(\d+))", line)
+            if match and match.group(2) != env.get("WEBHOOK_METRICS_PORT"):  # the webhooks' server, not /metrics'
                 base_url = match.group(1)
         assert base_url, "".join(lines)
         yield base_url, proc
