@@ -65,8 +65,12 @@ def test_an_event_for_an_unknown_service_is_stored_answered_2xx_counted_and_list
     assert "svc-gone" in table.stdout and "svc-known" not in table.stdout
 
 
-def test_without_the_function_every_service_counts_as_existing(webhook_server: RunningServer, db: Conn) -> None:
+def test_without_the_function_every_service_counts_as_existing_until_it_appears(webhook_server: RunningServer, db: Conn) -> None:
     assert _post(webhook_server, billing_event(service_id="svc-anything"), "msg_any").json()["status"] == "accepted"
+    assert len(queue(db, "device_actions")) == 1
+    # wl-workers migrates while the webhook runs: the next event is checked, without a restart.
+    db.execute(SERVICE_EXISTS)
+    assert _post(webhook_server, billing_event(service_id="svc-anything"), "msg_any_2").json()["status"] == "unknown_service"
     assert len(queue(db, "device_actions")) == 1
 
 

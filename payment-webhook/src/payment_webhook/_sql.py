@@ -74,13 +74,23 @@ ON CONFLICT (provider, event_id) DO NOTHING
 RETURNING id
 """
 
-# Created by wl-workers' migration 0003 (SECURITY DEFINER, so this role needs no grant on wl.*). Called outside the
-# event's transaction: when the function is absent the error aborts nothing, and the service counts as existing.
-SERVICE_EXISTS = "SELECT wl.service_exists(%s)"
+# The first statement of every event's transaction, one round trip for two things:
+# - the per-transaction database budget (SET LOCAL, so it also holds through PgBouncer's transaction mode): a
+#   locked table or a slow statement ends in an error (503) well before the provider's own timeout (Mercado Pago
+#   gives up after 22 s), instead of holding the request open;
+# - whether wl.service_exists(text) can be called (wl-workers' migration 0003 creates it, SECURITY DEFINER): when
+#   it cannot (absent, or no privilege), every service counts as existing and nothing fails or aborts.
+BEGIN_EVENT = """
+SELECT set_config('statement_timeout', %(statement)s, true),
+       set_config('lock_timeout', %(lock)s, true),
+       CASE WHEN to_regnamespace('wl') IS NULL THEN false
+            WHEN NOT has_schema_privilege(to_regnamespace('wl')::oid, 'USAGE') THEN false
+            WHEN to_regprocedure('wl.service_exists(text)') IS NULL THEN false
+            ELSE has_function_privilege(to_regprocedure('wl.service_exists(text)')::oid, 'EXECUTE')
+       END
+"""
 
-# The per-transaction database budget: a locked table or a slow statement ends in an error (503) well before the
-# provider's own timeout (Mercado Pago gives up after 22 s), instead of holding the request open.
-SET_TIMEOUTS = "SELECT set_config('statement_timeout', %(statement)s, true), set_config('lock_timeout', %(lock)s, true)"
+SERVICE_EXISTS = "SELECT wl.service_exists(%s)"
 
 LIST_EVENTS = """
 SELECT id, received_at, provider, event_id, type, outcome, service_id, payment_id, amount, currency

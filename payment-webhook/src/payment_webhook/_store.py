@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import errors
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -37,33 +35,21 @@ class Budget:
 
 
 class ServiceCheck:
-    """Whether a service exists, asked of ``wl.service_exists(text)`` when wl-workers' migration created it.
+    """Whether ``wl.service_exists(text)`` could be called, as last seen: logged when it changes (the webhook
+    reads nothing else of wl-workers; without the function every service counts as existing)."""
 
-    The webhook reads nothing else of wl-workers: without the function (an older wl-workers, or none) every
-    service counts as existing, as before. The absence is remembered for ``recheck_seconds`` so that a database
-    without the function costs one failed call a minute, and a migration that adds it is picked up.
-    """
+    def __init__(self) -> None:
+        self.callable: bool | None = None
 
-    def __init__(self, *, recheck_seconds: float = 60.0) -> None:
-        self.recheck_seconds = recheck_seconds
-        self._absent_until = 0.0
-
-    async def exists(self, conn: psycopg.AsyncConnection[Any], service_id: str) -> bool:
-        if time.monotonic() < self._absent_until:
-            return True
-        try:
-            # Outside the event's transaction (autocommit): an error here aborts nothing.
-            cur = await conn.execute(_sql.SERVICE_EXISTS, (service_id,))
-            row = await cur.fetchone()
-        except (errors.UndefinedFunction, errors.InvalidSchemaName, errors.InsufficientPrivilege) as exc:
-            self._absent_until = time.monotonic() + self.recheck_seconds
-            logger.warning(
-                "webhook_service_check_unavailable",
-                extra={"event": "webhook_service_check_unavailable", "error": type(exc).__name__,
-                       "detail": "wl.service_exists(text) cannot be called: every service counts as existing"},
+    def seen(self, callable_now: bool) -> None:
+        if callable_now != self.callable:
+            self.callable = callable_now
+            logger.info(
+                "webhook_service_check",
+                extra={"event": "webhook_service_check", "available": callable_now,
+                       "detail": "unknown services are detected" if callable_now
+                       else "wl.service_exists(text) cannot be called: every service counts as existing"},
             )
-            return True
-        return bool(row and row[0] is not False)
 
 
 def _outcome(event: Event, known_service: bool) -> str:
@@ -85,36 +71,40 @@ async def record(
     its commit and get no row back. An event for a service that does not exist is stored (outcome
     ``unknown_service``, for the operator) without a job: a device job for it could only dead-letter.
     """
-    async with pool.connection(timeout=budget.connect) as conn:
+    async with pool.connection(timeout=budget.connect) as conn, conn.transaction():
+        cur = await conn.execute(_sql.BEGIN_EVENT, {"statement": f"{int(budget.statement * 1000)}ms", "lock": f"{int(budget.lock * 1000)}ms"})
+        begun = await cur.fetchone()
+        check_available = bool(begun and begun[2])
+        services.seen(check_available)
         known_service = True
-        if event.job is not None and event.service_id is not None:
-            known_service = await services.exists(conn, event.service_id)
-        outcome = _outcome(event, known_service)
-        async with conn.transaction():
-            await conn.execute(_sql.SET_TIMEOUTS, {"statement": f"{int(budget.statement * 1000)}ms", "lock": f"{int(budget.lock * 1000)}ms"})
-            cur = await conn.execute(
-                _sql.INSERT_EVENT,
-                {
-                    "provider": event.provider,
-                    "event_id": event.event_id,
-                    "type": event.type,
-                    "event_at": event.event_at,
-                    "payload": Jsonb(event.payload),
-                    "outcome": outcome,
-                    "amount": event.amount,
-                    "currency": event.currency,
-                    "service_id": event.service_id,
-                    "payment_id": event.payment_id,
-                },
-            )
+        if check_available and event.job is not None and event.service_id is not None:
+            cur = await conn.execute(_sql.SERVICE_EXISTS, (event.service_id,))
             row = await cur.fetchone()
-            if row is None:
-                return Recorded(stored=False)
-            if event.job is None or outcome != "accepted":
-                return Recorded(stored=True, outcome=outcome)
-            msg_id = await producer.enqueue(event.job.queue, event.job.payload, conn=conn)
-            await conn.execute(_sql.SET_EVENT_JOB, {"queue": event.job.queue, "msg_id": msg_id, "id": row[0]})
-            return Recorded(stored=True, msg_id=msg_id, outcome=outcome)
+            known_service = not (row is not None and row[0] is False)
+        outcome = _outcome(event, known_service)
+        cur = await conn.execute(
+            _sql.INSERT_EVENT,
+            {
+                "provider": event.provider,
+                "event_id": event.event_id,
+                "type": event.type,
+                "event_at": event.event_at,
+                "payload": Jsonb(event.payload),
+                "outcome": outcome,
+                "amount": event.amount,
+                "currency": event.currency,
+                "service_id": event.service_id,
+                "payment_id": event.payment_id,
+            },
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return Recorded(stored=False)
+        if event.job is None or outcome != "accepted":
+            return Recorded(stored=True, outcome=outcome)
+        msg_id = await producer.enqueue(event.job.queue, event.job.payload, conn=conn)
+        await conn.execute(_sql.SET_EVENT_JOB, {"queue": event.job.queue, "msg_id": msg_id, "id": row[0]})
+        return Recorded(stored=True, msg_id=msg_id, outcome=outcome)
 
 
 async def ready(pool: AsyncConnectionPool[Any], *, connect_timeout: float) -> None:
