@@ -23,11 +23,17 @@ from .settings import WebhookSettings
 logger = logging.getLogger("payment_webhook.cli")
 
 
+def _problem(loc: tuple[int | str, ...], msg: str) -> str:
+    # A check across fields has no location, and its message names the variable itself.
+    msg = msg.removeprefix("Value error, ")
+    return f"{'.'.join(str(p) for p in loc)}: {msg}" if loc else msg
+
+
 def _load_settings(overrides: dict[str, Any]) -> WebhookSettings:
     try:
         return WebhookSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_input=False))
+        problems = "; ".join(_problem(e["loc"], e["msg"]) for e in exc.errors(include_input=False))
         raise SystemExit(f"payment-webhook: bad settings: {problems}") from None
 
 
