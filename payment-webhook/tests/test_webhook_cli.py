@@ -30,7 +30,7 @@ def test_send_test_event_to_a_served_process(webhook_db: str) -> None:
         # A wrong secret: refused, and the command says so by its exit code.
         wrong = subprocess.run(
             [*command[:-2], "--event-id", "msg_wrong"],
-            env={**os.environ, "WEBHOOK_STANDARD_SECRETS": "whsec_bm90LXRoZS1yaWdodC1vbmU="},
+            env={**os.environ, "WEBHOOK_STANDARD_SECRETS": "whsec_bm90LXRoZS1yaWdodC1vbmUtYnV0LWxvbmctZW5vdWdo"},
             capture_output=True,
             text=True,
             timeout=60,

@@ -15,7 +15,17 @@ import pytest
 
 from pg_worker import AsyncProducer
 from webhook_fixtures import make_settings
-from webhook_helpers import MP_SECRETS, RunningServer, billing_event, events, mp_request, queue, serve, standard_request
+from webhook_helpers import (
+    EVENT_AT,
+    MP_SECRETS,
+    RunningServer,
+    billing_event,
+    events,
+    mp_request,
+    queue,
+    serve,
+    standard_request,
+)
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -31,13 +41,18 @@ def test_payment_approved_is_stored_once_and_enqueues_service_activate(webhook_s
     assert response.json() == {"status": "accepted", "event_id": "msg_a"}
     [row] = events(db)
     assert row[:3] == ("standard", "msg_a", "payment.approved")
-    assert row[3] == datetime.fromisoformat("2026-11-29T18:00:00-03:00")
+    assert row[3] == datetime.fromisoformat(EVENT_AT)
     [job] = queue(db, "device_actions")
     assert job == {
         "type": "service.activate",
         "service_id": "svc-42",
-        "event_at": "2026-11-29T18:00:00-03:00",
+        "event_at": EVENT_AT,
         "reason": "billing payment.approved (payment pay-1)",
+        "source": "webhook",
+        "actor": "standard",
+        "provider": "standard",
+        "event_id": "msg_a",
+        "payment_id": "pay-1",
     }
     assert row[4:] == ("device_actions", 1)
     assert webhook_server.metric("webhook_events_total", provider="standard", type="payment.approved", outcome="accepted") == 1
@@ -52,7 +67,7 @@ def test_service_events_map_to_device_jobs(webhook_server: RunningServer, db: Co
     body, headers = standard_request(billing_event(event_type, "svc-7"), "msg_s")
     assert post(webhook_server, "/webhooks/standard", body, headers).status_code == 200
     [job] = queue(db, "device_actions")
-    assert (job["type"], job["service_id"], job["event_at"]) == (job_type, "svc-7", "2026-11-29T18:00:00-03:00")
+    assert (job["type"], job["service_id"], job["event_at"]) == (job_type, "svc-7", EVENT_AT)
 
 
 def test_refund_is_stored_and_counted_but_enqueues_nothing(webhook_server: RunningServer, db: Conn) -> None:
@@ -65,7 +80,7 @@ def test_refund_is_stored_and_counted_but_enqueues_nothing(webhook_server: Runni
 
 
 def test_unknown_type_is_stored_counted_and_answered_202(webhook_server: RunningServer, db: Conn) -> None:
-    body, headers = standard_request({"type": "invoice.created", "timestamp": "2026-11-29T18:00:00Z", "data": {}}, "msg_u")
+    body, headers = standard_request({"type": "invoice.created", "timestamp": EVENT_AT, "data": {}}, "msg_u")
     response = post(webhook_server, "/webhooks/standard", body, headers)
     assert (response.status_code, response.json()["status"]) == (202, "ignored")
     assert [r[2] for r in events(db)] == ["invoice.created"]
@@ -162,9 +177,9 @@ def test_tolerance_is_configurable(webhook_db: str) -> None:
         (b"{not json", "malformed_json"),
         (b"\xff\xfe", "malformed_json"),
         (b"[1, 2]", "schema"),
-        (json.dumps({"type": "payment.approved", "timestamp": "2026-11-29T18:00:00", "data": {"service_id": "s", "payment_id": "p"}}).encode(), "schema"),
-        (json.dumps({"type": "payment.approved", "timestamp": "2026-11-29T18:00:00Z", "data": {"payment_id": "p"}}).encode(), "schema"),
-        (json.dumps({"type": "payment.approved", "timestamp": "2026-11-29T18:00:00Z", "data": {"service_id": "s"}}).encode(), "schema"),
+        (json.dumps({"type": "payment.approved", "timestamp": EVENT_AT[:19], "data": {"service_id": "s", "payment_id": "p"}}).encode(), "schema"),
+        (json.dumps({"type": "payment.approved", "timestamp": EVENT_AT, "data": {"payment_id": "p"}}).encode(), "schema"),
+        (json.dumps({"type": "payment.approved", "timestamp": EVENT_AT, "data": {"service_id": "s"}}).encode(), "schema"),
         (json.dumps({"type": "service.suspend", "data": {"service_id": "s"}}).encode(), "schema"),
     ],
 )
@@ -237,13 +252,14 @@ def test_mercadopago_payment_notification_enqueues_payments_sync(webhook_server:
     response = post(webhook_server, "/webhooks/mercadopago" + query, body, headers)
     assert (response.status_code, response.json()["status"]) == (200, "accepted")
     [row] = events(db)
-    assert row[:3] == ("mercadopago", "n-100", "payment.updated")
+    # The event's identity is what the signature covers (data.id and x-request-id), not the body's unsigned id.
+    assert row[:3] == ("mercadopago", "id:123456789;request-id:req-1;", "payment.updated")
     [job] = queue(db, "payment_sync")
     assert job["type"] == "payments.sync"
     assert (job["provider"], job["payment_id"]) == ("mercadopago", "123456789")
     assert abs(datetime.fromisoformat(job["notified_at"]).timestamp() - time.time()) < 60
-    # Mercado Pago retries the same notification: stored once, one job.
-    query, body, headers = mp_request("123456789", "n-100", request_id="req-2")
+    # Mercado Pago retries the same notification (same x-request-id, signed anew): stored once, one job.
+    query, body, headers = mp_request("123456789", "n-100", ts=str(int(time.time()) - 3))
     again = post(webhook_server, "/webhooks/mercadopago" + query, body, headers)
     assert (again.status_code, again.json()["status"]) == (200, "duplicate")
     assert len(queue(db, "payment_sync")) == 1
@@ -251,7 +267,7 @@ def test_mercadopago_payment_notification_enqueues_payments_sync(webhook_server:
 
 def test_mercadopago_rotated_secrets_are_all_accepted(webhook_server: RunningServer, db: Conn) -> None:
     for n, secret in enumerate(MP_SECRETS):
-        query, body, headers = mp_request("555", f"n-rot-{n}", secret=secret)
+        query, body, headers = mp_request("555", f"n-rot-{n}", secret=secret, request_id=f"req-rot-{n}")
         assert post(webhook_server, "/webhooks/mercadopago" + query, body, headers).status_code == 200
     query, body, headers = mp_request("555", "n-rot-x", secret="an-old-revoked-secret")
     response = post(webhook_server, "/webhooks/mercadopago" + query, body, headers)
@@ -260,11 +276,31 @@ def test_mercadopago_rotated_secrets_are_all_accepted(webhook_server: RunningSer
 
 
 def test_mercadopago_alphanumeric_data_id_is_lowercased_in_the_manifest(webhook_server: RunningServer, db: Conn) -> None:
-    # Mercado Pago signs the lowercased id; the query string may carry it in upper case.
+    # Mercado Pago's documentation: the lowercased id is signed; the query string may carry it in upper case.
     query, body, headers = mp_request("abc123", "n-alnum")
     response = post(webhook_server, "/webhooks/mercadopago" + query.replace("abc123", "ABC123"), body, headers)
     assert response.status_code == 200, response.text
-    assert queue(db, "payment_sync")[0]["payment_id"] == "abc123"
+    # The id goes on as received (an Orders API id is upper case and must be looked up as such).
+    assert queue(db, "payment_sync")[0]["payment_id"] == "ABC123"
+
+
+def test_mercadopago_data_id_signed_as_received_is_accepted_too(webhook_server: RunningServer, db: Conn) -> None:
+    # Mercado Pago's SDKs since June 2026 sign data.id with its original casing (sdk-python#118 and siblings).
+    query, body, headers = mp_request("ORDTST01ABC", "n-upper")
+    response = post(webhook_server, "/webhooks/mercadopago" + query, body, headers)
+    assert response.status_code == 200, response.text
+    assert queue(db, "payment_sync")[0]["payment_id"] == "ORDTST01ABC"
+
+
+def test_mercadopago_without_x_request_id_verifies_and_dedups_on_the_signed_ts(webhook_server: RunningServer, db: Conn) -> None:
+    stamp = str(int(time.time()))
+    query, body, headers = mp_request("4242", "n-norid", request_id=None, ts=stamp)
+    assert "x-request-id" not in headers
+    response = post(webhook_server, "/webhooks/mercadopago" + query, body, headers)
+    assert (response.status_code, response.json()["status"]) == (200, "accepted"), response.text
+    assert [r[1] for r in events(db)] == [f"id:4242;ts:{stamp};"]
+    again = post(webhook_server, "/webhooks/mercadopago" + query, body.replace(b'"n-norid"', b'"n-other"'), headers)
+    assert again.json()["status"] == "duplicate"
 
 
 @pytest.mark.parametrize(
@@ -273,7 +309,7 @@ def test_mercadopago_alphanumeric_data_id_is_lowercased_in_the_manifest(webhook_
         ("data_id", "bad_signature"),
         ("request_id", "bad_signature"),
         ("no_signature", "missing_signature"),
-        ("no_request_id", "missing_signature"),
+        ("no_request_id", "bad_signature"),  # allowed, but then the manifest differs from the signed one
         ("garbled", "missing_signature"),
     ],
 )

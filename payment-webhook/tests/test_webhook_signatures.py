@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from pydantic import SecretStr
@@ -20,6 +20,7 @@ from payment_webhook import (
     verify_mercadopago,
     verify_standard,
 )
+from payment_webhook._events import TimeWindow
 from payment_webhook._signatures import mercadopago_manifest
 from webhook_helpers import STANDARD_SECRETS
 
@@ -73,8 +74,7 @@ def test_mercadopago_manifest_and_signature() -> None:
     assert mercadopago_manifest("123456", "bb56a2f1-6aae-46ac-982e-9dcd3581d08e", "1704908010") == (
         "id:123456;request-id:bb56a2f1-6aae-46ac-982e-9dcd3581d08e;ts:1704908010;"
     )
-    assert mercadopago_manifest("ABC123", "r", "1") == "id:abc123;request-id:r;ts:1;"
-    assert mercadopago_manifest("A-B", "r", "1") == "id:A-B;request-id:r;ts:1;"  # not alphanumeric: kept as sent
+    assert mercadopago_manifest("ABC123", "r", "1") == "id:ABC123;request-id:r;ts:1;"  # the caller picks the form
     assert mercadopago_manifest(None, "r", "1") == "request-id:r;ts:1;"  # an absent value leaves its part out
     expected = hmac.new(b"secret", b"id:123456;request-id:r-1;ts:1704908010;", hashlib.sha256).hexdigest()
     assert sign_mercadopago("secret", "123456", "r-1", "1704908010") == f"ts=1704908010,v1={expected}"
@@ -86,7 +86,7 @@ def test_mercadopago_verification_with_rotated_secrets_and_window() -> None:
     ts = str(int(now))
     for secret in ("old", "new"):
         header = sign_mercadopago(secret, "42", "req", ts)
-        assert verify_mercadopago(secrets, header, "req", "42", now=now, window=300) == int(ts)
+        assert verify_mercadopago(secrets, header, "req", "42", now=now, window=300).notified_at == int(ts)
     with pytest.raises(SignatureError, match="no signature matches"):
         verify_mercadopago(secrets, sign_mercadopago("revoked", "42", "req", ts), "req", "42", now=now, window=300)
     stale = str(int(now) - 400)
@@ -95,16 +95,26 @@ def test_mercadopago_verification_with_rotated_secrets_and_window() -> None:
     assert info.value.reason == "timestamp_out_of_window"
     # Spaces after the comma, as some clients send them, and an upper-case hex digest.
     spaced = sign_mercadopago("new", "42", "req", ts).replace(",", ", ").upper().replace("TS=", "ts=").replace("V1=", "v1=")
-    assert verify_mercadopago(secrets, spaced, "req", "42", now=now, window=300) == int(ts)
+    assert verify_mercadopago(secrets, spaced, "req", "42", now=now, window=300).notified_at == int(ts)
+
+
+RECEIVED = datetime(2026, 11, 29, 18, 5, tzinfo=UTC)
+
+
+def _event(event_id: str, body: object) -> object:
+    return standard_event(event_id, body, received_at=RECEIVED, window=TimeWindow(timedelta(days=7), timedelta(minutes=5)))
 
 
 def test_event_schema_rules() -> None:
-    event = standard_event("msg_1", {"type": "service.suspend", "timestamp": "2026-11-29T18:00:00+00:00", "data": {"service_id": 1001}})
-    assert event.job is not None
-    assert event.job.payload == {"type": "service.deactivate", "service_id": "1001", "event_at": "2026-11-29T18:00:00+00:00",
-                                 "reason": "billing service.suspend (event msg_1)"}
+    event = _event("msg_1", {"type": "service.suspend", "timestamp": "2026-11-29T18:00:00+00:00", "data": {"service_id": 1001}})
+    assert event.job is not None  # type: ignore[attr-defined]
+    assert event.job.payload == {  # type: ignore[attr-defined]
+        "type": "service.deactivate", "service_id": "1001", "event_at": "2026-11-29T18:00:00+00:00",
+        "reason": "billing service.suspend (event msg_1)", "source": "webhook", "actor": "standard", "provider": "standard",
+        "event_id": "msg_1", "payment_id": None,
+    }
     with pytest.raises(SchemaError, match="webhook-id"):
-        standard_event("m" * 201, {"type": "service.suspend", "timestamp": "2026-11-29T18:00:00Z", "data": {"service_id": "s"}})
+        _event("m" * 201, {"type": "service.suspend", "timestamp": "2026-11-29T18:00:00Z", "data": {"service_id": "s"}})
     with pytest.raises(SchemaError, match="service_id") as info:
-        standard_event("msg_2", {"type": "service.restore", "timestamp": "2026-11-29T18:00:00Z", "data": {"service_id": "", "note": "private"}})
+        _event("msg_2", {"type": "service.restore", "timestamp": "2026-11-29T18:00:00Z", "data": {"service_id": "", "note": "private"}})
     assert "private" not in str(info.value)

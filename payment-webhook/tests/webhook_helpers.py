@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
@@ -22,11 +22,14 @@ from standardwebhooks import Webhook
 
 from payment_webhook import WebhookSettings, create_app, sign_mercadopago
 from payment_webhook._app import Service
+from payment_webhook._server import uvicorn_config
 from pg_worker.testing import PgServer as PgServer  # re-exported: the tests import it from here
 
 # Test-only secrets, made up here (never real keys). Two of each: a rotation in progress.
 STANDARD_SECRETS = ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_dGVzdC1zZWNvbmQtc2VjcmV0LXJvdGF0ZWQ=")
-MP_SECRETS = ("mp-test-secret-current", "mp-test-secret-next")
+MP_SECRETS = ("3f9c1e7a52b84d06a9e1c7f2b5d8e0a4", "8d2b6f0e4a1c9e7b3d5f2a8c6e0b4d19")
+# An event time inside the accepted window (an hour ago, in Buenos Aires time as billing systems send it).
+EVENT_AT = (datetime.now(UTC) - timedelta(hours=1)).astimezone(timezone(timedelta(hours=-3))).replace(microsecond=0).isoformat()
 
 
 @dataclass
@@ -47,8 +50,10 @@ class RunningServer:
 
 @contextmanager
 def serve_app(app: FastAPI) -> Iterator[RunningServer]:
-    """uvicorn on 127.0.0.1, an ephemeral port, in a thread; stopped (and its lifespan closed) on exit."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on")
+    """uvicorn on 127.0.0.1, an ephemeral port, in a thread, configured as ``serve`` configures it (limits and
+    timeouts from the app's settings); stopped (and its lifespan closed) on exit."""
+    settings: WebhookSettings = app.state.service.settings
+    config = uvicorn_config(app, settings, host="127.0.0.1", port=0)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
@@ -73,13 +78,14 @@ def serve(settings: WebhookSettings, conninfo: str, **kwargs: Any) -> Iterator[R
 
 
 @contextmanager
-def serve_process(db_url: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def serve_process(db_url: str, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """``payment-webhook serve`` as a process on 127.0.0.1 (an ephemeral port); yields its base URL."""
     env = {
         **os.environ,
         "DATABASE_URL": db_url,
         "WEBHOOK_STANDARD_SECRETS": " ".join(STANDARD_SECRETS),
         "WEBHOOK_LOG_FORMAT": "json",
+        **(extra_env or {}),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "payment_webhook", "serve", "--host", "127.0.0.1", "--port", "0"],
@@ -97,8 +103,8 @@ def serve_process(db_url: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
             if not line:
                 break
             lines.append(line)
-            match = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
-            if match:
+            match = re.search(r"Uvicorn running on (http://127\.0\.0\.1:(\d+))", line)
+            if match and match.group(2) != env.get("WEBHOOK_METRICS_PORT"):  # the webhooks' server, not /metrics'
                 base_url = match.group(1)
         assert base_url, "".join(lines)
         yield base_url, proc
@@ -113,7 +119,7 @@ def billing_event(event_type: str = "payment.approved", service_id: str = "svc-1
     if event_type.startswith("payment."):
         body_data["payment_id"] = "pay-1"
     body_data.update(data)
-    return {"type": event_type, "timestamp": "2026-11-29T18:00:00-03:00", "data": body_data}
+    return {"type": event_type, "timestamp": EVENT_AT, "data": body_data}
 
 
 def standard_request(
@@ -132,19 +138,29 @@ def standard_request(
 
 
 def mp_request(
-    data_id: str = "123456789", notification_id: str = "n-1", *, secret: str = MP_SECRETS[0], ts: str | None = None,
-    request_id: str = "req-1", kind: str = "payment",
+    data_id: str = "123456789", notification_id: str | int = "n-1", *, secret: str = MP_SECRETS[0], ts: str | None = None,
+    request_id: str | None = "req-1", kind: str = "payment",
 ) -> tuple[str, bytes, dict[str, str]]:
-    """Query string, body and headers of a Mercado Pago notification."""
+    """Query string, body and headers of a Mercado Pago notification (``request_id=None``: no x-request-id, and
+    its part left out of the signed manifest, as Mercado Pago documents)."""
     stamp = ts or str(int(time.time()))
-    body = {"action": "payment.updated", "api_version": "v1", "data": {"id": data_id}, "date_created": "2026-11-29T21:00:00Z",
+    created = (datetime.now(UTC) - timedelta(minutes=1)).replace(microsecond=0).isoformat()
+    body = {"action": "payment.updated", "api_version": "v1", "data": {"id": data_id}, "date_created": created,
             "id": notification_id, "live_mode": False, "type": kind, "user_id": 44}
-    headers = {"content-type": "application/json", "x-request-id": request_id, "x-signature": sign_mercadopago(secret, data_id, request_id, stamp)}
+    headers = {"content-type": "application/json", "x-signature": sign_mercadopago(secret, data_id, request_id, stamp)}
+    if request_id is not None:
+        headers["x-request-id"] = request_id
     return f"?data.id={data_id}&type={kind}", json.dumps(body).encode(), headers
 
 
 def events(conn: psycopg.Connection[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     return conn.execute("SELECT provider, event_id, type, event_at, queue, msg_id FROM webhook.events ORDER BY id").fetchall()
+
+
+def event_rows(conn: psycopg.Connection[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    cur = conn.execute("SELECT * FROM webhook.events ORDER BY id")
+    names = [d.name for d in cur.description or ()]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def queue(conn: psycopg.Connection[tuple[Any, ...]], name: str) -> list[dict[str, Any]]:

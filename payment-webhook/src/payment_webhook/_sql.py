@@ -46,13 +46,66 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         COMMENT ON TABLE webhook.events IS 'Every accepted provider event, once; queue/msg_id name the job it enqueued.'
         """,
     ),
+    (
+        2,
+        "event_outcome_and_payment",
+        """
+        ALTER TABLE webhook.events
+            ADD COLUMN outcome text,
+            ADD COLUMN amount numeric(14, 2),
+            ADD COLUMN currency text,
+            ADD COLUMN service_id text,
+            ADD COLUMN payment_id text,
+            ADD CONSTRAINT events_amount_check CHECK (amount > 0),
+            ADD CONSTRAINT events_currency_check CHECK (currency ~ '^[A-Z]{3}$');
+        -- The operator's list of events that named no known service (and any other outcome), newest first.
+        CREATE INDEX events_outcome_received_at_idx ON webhook.events (outcome, received_at DESC);
+        COMMENT ON COLUMN webhook.events.outcome IS
+            'accepted | stored | ignored | unknown_service: what the webhook did with the event when it arrived';
+        """,
+    ),
 )
 
 INSERT_EVENT = """
-INSERT INTO webhook.events (provider, event_id, type, event_at, payload)
-VALUES (%(provider)s, %(event_id)s, %(type)s, %(event_at)s, %(payload)s)
+INSERT INTO webhook.events (provider, event_id, type, event_at, payload, outcome, amount, currency, service_id, payment_id)
+VALUES (%(provider)s, %(event_id)s, %(type)s, %(event_at)s, %(payload)s, %(outcome)s, %(amount)s, %(currency)s,
+        %(service_id)s, %(payment_id)s)
 ON CONFLICT (provider, event_id) DO NOTHING
 RETURNING id
+"""
+
+# The first statement of every event's transaction, one round trip for two things:
+# - the per-transaction database budget (SET LOCAL, so it also holds through PgBouncer's transaction mode): a
+#   locked table or a slow statement ends in an error (503) well before the provider's own timeout (Mercado Pago
+#   gives up after 22 s), instead of holding the request open;
+# - whether wl.service_exists(text) can be called (wl-workers' migration 0003 creates it, SECURITY DEFINER): when
+#   it cannot (absent, or no privilege), every service counts as existing and nothing fails or aborts.
+BEGIN_EVENT = """
+SELECT set_config('statement_timeout', %(statement)s, true),
+       set_config('lock_timeout', %(lock)s, true),
+       CASE WHEN to_regnamespace('wl') IS NULL THEN false
+            WHEN NOT has_schema_privilege(to_regnamespace('wl')::oid, 'USAGE') THEN false
+            WHEN to_regprocedure('wl.service_exists(text)') IS NULL THEN false
+            ELSE has_function_privilege(to_regprocedure('wl.service_exists(text)')::oid, 'EXECUTE')
+       END
+"""
+
+SERVICE_EXISTS = "SELECT wl.service_exists(%s)"
+
+LIST_EVENTS = """
+SELECT id, received_at, provider, event_id, type, outcome, service_id, payment_id, amount, currency
+FROM webhook.events
+WHERE (%(outcome)s::text IS NULL OR outcome = %(outcome)s) AND received_at >= now() - make_interval(secs => %(since)s)
+ORDER BY received_at DESC, id DESC
+LIMIT %(limit)s
+"""
+
+# In batches, so a first prune of a large table neither holds a long lock nor one huge transaction.
+PRUNE_EVENTS = """
+DELETE FROM webhook.events
+WHERE id IN (
+    SELECT id FROM webhook.events WHERE received_at < now() - make_interval(days => %(days)s) ORDER BY received_at LIMIT %(batch)s
+)
 """
 
 SET_EVENT_JOB = "UPDATE webhook.events SET queue = %(queue)s, msg_id = %(msg_id)s WHERE id = %(id)s"

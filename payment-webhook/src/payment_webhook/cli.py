@@ -1,4 +1,5 @@
-"""``payment-webhook``: ``serve`` the webhook endpoints, ``migrate`` the database, ``send-test-event``.
+"""``payment-webhook``: ``serve`` the webhook endpoints, ``migrate`` the database, ``send-test-event``, list
+``events`` (``--outcome unknown_service``: what the operator must look at) and ``prune`` old ones.
 
 Every flag mirrors a ``WEBHOOK_*`` environment variable (``--help`` names it); flags win over the environment.
 """
@@ -22,11 +23,17 @@ from .settings import WebhookSettings
 logger = logging.getLogger("payment_webhook.cli")
 
 
+def _problem(loc: tuple[int | str, ...], msg: str) -> str:
+    # A check across fields has no location, and its message names the variable itself.
+    msg = msg.removeprefix("Value error, ")
+    return f"{'.'.join(str(p) for p in loc)}: {msg}" if loc else msg
+
+
 def _load_settings(overrides: dict[str, Any]) -> WebhookSettings:
     try:
         return WebhookSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_input=False))
+        problems = "; ".join(_problem(e["loc"], e["msg"]) for e in exc.errors(include_input=False))
         raise SystemExit(f"payment-webhook: bad settings: {problems}") from None
 
 
@@ -37,11 +44,9 @@ def _configure_logging(settings: WebhookSettings) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from ._server import serve
 
-    from ._app import create_app
-
-    settings = _load_settings({"host": args.host, "port": args.port})
+    settings = _load_settings({"host": args.host, "port": args.port, "metrics_port": args.metrics_port})
     _configure_logging(settings)
     if not settings.database_url:
         raise SystemExit("payment-webhook: set DATABASE_URL (or WEBHOOK_DATABASE_URL)")
@@ -49,10 +54,49 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit(
             "payment-webhook: no secret configured: set WEBHOOK_STANDARD_SECRETS(_FILE) and/or WEBHOOK_MERCADOPAGO_SECRETS(_FILE)"
         )
-    app = create_app(settings)
-    # uvicorn's own loggers go through the same JSON/console renderer; access lines are left to the proxy.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False, server_header=False)
-    uvicorn.Server(config).run()
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _database(settings: WebhookSettings) -> str:
+    if not settings.database_url:
+        raise SystemExit("payment-webhook: set DATABASE_URL (or WEBHOOK_DATABASE_URL)")
+    return settings.database_url
+
+
+def _events(args: argparse.Namespace) -> int:
+    from ._store import list_events
+
+    settings = _load_settings({})
+    _configure_logging(settings)
+    rows = asyncio.run(list_events(_database(settings), outcome=args.outcome, since_seconds=args.since_days * 86400.0, limit=args.limit))
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, default=str))
+        return 0
+    columns = ("received_at", "provider", "event_id", "type", "outcome", "service_id", "payment_id", "amount", "currency")
+    print("\t".join(columns))
+    for row in rows:
+        print("\t".join("" if row[c] is None else str(row[c]) for c in columns))
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from ._store import prune
+
+    settings = _load_settings({})
+    _configure_logging(settings)
+    days = args.older_than_days or settings.retention_days
+
+    async def run() -> int:
+        async with await psycopg.AsyncConnection.connect(_database(settings), autocommit=True) as conn:
+            return await prune(conn, older_than_days=days)
+
+    deleted = asyncio.run(run())
+    logger.info("webhook_pruned", extra={"event": "webhook_pruned", "deleted": deleted, "older_than_days": days})
+    print(f"deleted {deleted} events received more than {days} days ago")
     return 0
 
 
@@ -111,7 +155,19 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the webhook endpoints (DATABASE_URL, WEBHOOK_* secrets and limits)")
     serve.add_argument("--host", default=None, help="listen address (env WEBHOOK_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="listen port (env WEBHOOK_PORT, default 8080)")
+    serve.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port only (env WEBHOOK_METRICS_PORT)")
     serve.set_defaults(func=_serve)
+    events = sub.add_parser("events", help="list stored events, newest first (e.g. --outcome unknown_service) (DATABASE_URL)")
+    events.add_argument(
+        "--outcome", default=None, help="only this outcome: accepted, stored, ignored, unknown_service (default: all)"
+    )
+    events.add_argument("--since-days", type=float, default=7.0, help="received in the last N days (default 7)")
+    events.add_argument("--limit", type=int, default=100, help="at most N events (default 100)")
+    events.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    events.set_defaults(func=_events)
+    prune_cmd = sub.add_parser("prune", help="delete events older than the retention age (DATABASE_URL, WEBHOOK_RETENTION_DAYS)")
+    prune_cmd.add_argument("--older-than-days", type=int, default=None, help="age in days (env WEBHOOK_RETENTION_DAYS, default 400)")
+    prune_cmd.set_defaults(func=_prune)
     migrate = sub.add_parser("migrate", help="create/upgrade the webhook schema and the queues it sends to (DATABASE_URL)")
     migrate.set_defaults(func=_migrate)
     test = sub.add_parser("send-test-event", help="send a correctly signed billing event (secret from WEBHOOK_STANDARD_SECRETS)")
