@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
-from pg_worker import App, Job, Outcome, WakeupSource, Worker, WorkerConfig, WorkerObserver
-from pg_worker.testing import wait_until
+from pg_worker import App, Job, Outcome, WakeupSource, Worker, WorkerConfig, WorkerObserver, testing
 
 __all__ = ["RecordingObserver", "dlq_messages", "expire", "marks", "queue_rows", "read_one", "running_worker", "wait_until"]
 
@@ -68,6 +67,11 @@ class RecordingObserver(WorkerObserver):
 
     def outcomes(self, outcome: Outcome) -> list[Finished]:
         return [f for f in self.finished if f.outcome is outcome]
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.005, *, what: str = "condition", limit: float | None = None) -> None:  # noqa: ASYNC109 - a polling deadline
+    """:func:`pg_worker.testing.wait_until`; ``limit`` is the name these tests used for ``timeout`` before it."""
+    await testing.wait_until(predicate, timeout if limit is None else limit, interval, what=what)
 
 
 async def marks(url: str, worker_id: str | None = None) -> int:
