@@ -21,7 +21,8 @@ import psycopg
 import pytest
 
 from pg_worker import dlq_name
-from tests.e2e.conftest import BIN, E2ePg
+from pg_worker.testing import PgServer
+from tests.e2e.conftest import BIN
 from tests.e2e.tunnel import DEVICE_IP, DEVICE_SUBNET, ENTRYPOINT, Tunnel, sh, wait_until
 
 pytestmark = pytest.mark.slow
@@ -362,7 +363,7 @@ def test_the_self_check_fails_when_the_targets_are_not_routed_through_the_tunnel
 RESTART_BOUND = 30.0  # seconds from a restart to the next job applied (docs/vpn.md states the compose bound)
 
 
-def test_every_restart_order_returns_to_service_by_itself(site: Site, e2e_pg: E2ePg) -> None:
+def test_every_restart_order_returns_to_service_by_itself(site: Site, e2e_pg: PgServer) -> None:
     tunnel = site.tunnel
     guarded = {"WL_REQUIRE_ROUTE_VIA": tunnel.vpn_if, "WL_NETCHECK_INTERFACE": tunnel.vpn_if,
                "WL_NETCHECK_INTERVAL": "0.5", "WL_NETCHECK_EXIT_AFTER": "10"}  # fmt: skip
