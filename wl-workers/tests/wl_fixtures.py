@@ -26,6 +26,33 @@ ROUTER_PASSWORD_ENV = "WL_TEST_ROUTER_PASSWORD"
 ROUTER_PASSWORD = "s3cret-router-pw"
 _counter = itertools.count()
 
+# Until branch r3-wl's migrations 0003 (wl.device_tests) and 0004 (wl.service_history, the contract's DDL) are
+# merged, the operator commands' tests create those tables here, then apply migration 0005 (kept in
+# migrations/pending/ meanwhile, because the runner refuses a gap in the versions). At the merge: move 0005 into
+# migrations/ and delete this block.
+PENDING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS wl.service_history (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    service_id  text NOT NULL,
+    at          timestamptz NOT NULL DEFAULT clock_timestamp(),
+    kind        text NOT NULL,
+    source      text,
+    actor       text,
+    reason      text,
+    event_id    text,
+    payment_id  text,
+    state       text,
+    outcome     text,
+    error_class text,
+    duration_ms double precision,
+    detail      jsonb NOT NULL DEFAULT '{}'::jsonb
+);
+CREATE INDEX IF NOT EXISTS service_history_service_at_idx ON wl.service_history (service_id, at DESC);
+CREATE TABLE IF NOT EXISTS wl.device_tests (
+    request_id text PRIMARY KEY, device text NOT NULL, at timestamptz NOT NULL DEFAULT now(), ok boolean NOT NULL, message text
+);
+""" + (Path(__file__).parent.parent / "src" / "wl_workers" / "migrations" / "pending" / "0005_operator_checks.sql").read_text()
+
 
 class WlPg:
     def __init__(self, handle: Any) -> None:
@@ -51,6 +78,8 @@ def wl_pg() -> Iterator[WlPg]:
     async def prepare() -> None:
         await migrate(server.url(TEMPLATE))
         await pg_worker.install(server.url(TEMPLATE), QUEUES)
+        async with await psycopg.AsyncConnection.connect(server.url(TEMPLATE), autocommit=True) as conn:
+            await conn.execute(PENDING_SCHEMA.encode())
 
     asyncio.run(prepare())
     yield server
