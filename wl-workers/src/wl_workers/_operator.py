@@ -93,10 +93,10 @@ def validate_ca_file(path: str | None) -> str | None:
         with open(path, "rb") as handle:
             handle.read(1)
         ssl.create_default_context().load_verify_locations(cafile=path)
+    except ssl.SSLError:  # (an OSError too: first)
+        raise OperatorError(f"--ca-file {path}: not a PEM file of CA certificates") from None
     except OSError as exc:
         raise OperatorError(f"--ca-file {path}: cannot read it ({exc.strerror or exc})") from None
-    except ssl.SSLError:
-        raise OperatorError(f"--ca-file {path}: not a PEM file of CA certificates") from None
     return path
 
 

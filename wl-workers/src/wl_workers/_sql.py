@@ -111,7 +111,7 @@ SET driver = %(driver)s, host = %(host)s, port = %(port)s, scheme = %(scheme)s, 
     max_concurrent = %(max_concurrent)s, address_list = %(address_list)s, updated_at = now()
 WHERE name = %(name)s
 """
-PRUNE_HISTORY = "DELETE FROM wl.service_history WHERE at < now() - make_interval(days => %s)"
+PRUNE_HISTORY = "DELETE FROM wl.service_history WHERE at < now() - %s::double precision * interval '1 day'"
 DEVICE_TEST_RESULT = "SELECT ok, message, at FROM wl.device_tests WHERE request_id = %s"
 COUNT_SERVICES_OFF_DEVICE = """
 SELECT count(*) FROM wl.customer_services s JOIN wl.devices d ON d.id = s.device_id WHERE d.name <> %s

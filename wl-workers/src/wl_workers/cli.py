@@ -361,7 +361,8 @@ async def _device_now(conn: psycopg.AsyncConnection[Any], device_name: str, meth
 def _matches(s: Any, args: argparse.Namespace) -> bool:
     if args.state and s.desired_state != args.state:
         return False
-    if args.diverged and s.applied_state == s.desired_state:
+    # diverged: the router was last set otherwise than desired (a new service never set and desired active is not)
+    if args.diverged and (s.applied_state or "active") == s.desired_state:
         return False
     return not (args.with_errors and not s.last_error)
 
