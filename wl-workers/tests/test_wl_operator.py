@@ -416,3 +416,31 @@ def test_simulate_router_refuses_a_busy_or_invalid_port_in_one_line(router_passw
     result = subprocess.run([sys.executable, "-m", "wl_workers", "simulate-router", "--port", "70000"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "between 1 and 65535" in result.stderr and "Traceback" not in result.stderr
 
+
+
+# -- 7. the README's blocks run ----------------------------------------------------------------------------------
+
+
+def test_the_readme_simulated_router_block_runs_as_written(wl_empty_db: str) -> None:
+    """The block, literally, on a fresh database, except: another port (9728 may be taken), and a longer pause
+    than the README's ``sleep 1`` (the worker has just started, on a machine shared with other tests)."""
+    from test_wl_processes import free_port
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("### Against a simulated router", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    port = str(free_port())
+    script = block.replace("9728", port).replace("sleep 1", "sleep 3")
+    wrapped = "set -e\ntrap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n" + script
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WL_", "PG_WORKER_"))}
+    env.update(DATABASE_URL=wl_empty_db, PG_WORKER_METRICS="false", PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+    result = subprocess.run(["bash", "-c", wrapped], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    # curl's JSON arrays (without a newline, so the next command's output follows on the same line)
+    decoder, lists, at = json.JSONDecoder(), [], result.stdout.find("[")
+    while at >= 0:
+        value, end = decoder.raw_decode(result.stdout, at)
+        lists.append(value)
+        at = result.stdout.find("[", end)
+    suspended, restored = lists
+    assert "10.20.0.11" in {e["address"] for e in suspended} and "10.20.0.11" not in {e["address"] for e in restored}
+    assert "Traceback" not in result.stderr

@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -34,8 +35,13 @@ class SignatureError(Exception):
         self.detail = detail
 
 
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
 def decode_standard_secret(secret: str) -> bytes:
     raw = secret[len(STANDARD_PREFIX) :] if secret.startswith(STANDARD_PREFIX) else secret
+    if not _BASE64.fullmatch(raw):  # b64decode(validate=False) would drop the bad characters and call it "empty"
+        raise ValueError("a Standard Webhooks secret is not valid base64 (expected whsec_<base64>)")
     try:
         key = base64.b64decode(raw + "==", validate=False)
     except (binascii.Error, ValueError):
