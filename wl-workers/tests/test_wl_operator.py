@@ -418,6 +418,17 @@ def test_simulate_router_refuses_a_busy_or_invalid_port_in_one_line(router_passw
 
 
 
+# -- 5. safe defaults ------------------------------------------------------------------------------------------
+
+
+def test_demo_seed_never_writes_into_a_database_with_real_services(setup: str, cli: Cli, sim: RouterSimulator) -> None:
+    code, out, _ = cli(setup, "demo-seed", "--if-empty", "--url", sim.url)
+    assert code == 0 and "demo data not added: the database has 1 service(s) on other routers" in out
+    code, _, err = cli(setup, "demo-seed", "--url", sim.url)
+    assert code == 2 and "demo data belongs in a database of its own" in one_line_error(err)
+    assert sql(setup, "SELECT count(*) FROM wl.devices WHERE name = 'demo-router'") == [(0,)]
+
+
 # -- 7. the README's blocks run ----------------------------------------------------------------------------------
 
 
