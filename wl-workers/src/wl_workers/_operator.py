@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+import psycopg.errors
 
 from pg_worker import AsyncProducer
 
@@ -282,7 +283,10 @@ WHY_KINDS = ("desired_changed", "event_accepted")
 
 async def why(conn: AConn, service: Service) -> str:
     """One line: why the service is in its desired state, from its history ('suspended since ... by ...')."""
-    cur = await conn.execute(_sql.LAST_CAUSE, (service.service_id, list(WHY_KINDS), service.desired_state))
+    try:
+        cur = await conn.execute(_sql.LAST_CAUSE, (service.service_id, list(WHY_KINDS), service.desired_state))
+    except psycopg.errors.UndefinedTable:  # a database migrated before the history existed: show the rest
+        return f"{service.desired_state} (no history table: run `wl-workers migrate`)"
     row = await cur.fetchone()
     if row is None:
         return f"{service.desired_state} (no recorded event)"
