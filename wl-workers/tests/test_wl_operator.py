@@ -208,6 +208,18 @@ def test_device_add_checks_the_ca_file_and_ids(wl_db: str, cli: Cli, tmp_path: P
         sql(wl_db, "INSERT INTO wl.customer_services (service_id, device_id, method, target) SELECT 'a b', id, 'pppoe', 'u3' FROM wl.devices")
 
 
+def test_a_pppoe_service_needs_its_secret_on_the_router(setup: str, cli: Cli, sim: RouterSimulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = setup
+    sim.add("ppp/secret", name="pppoe-7", password="x")
+    code, _, err = cli(url, "service", "add", "c7", "--device", "r1", "--method", "pppoe", "--target", "pppoe-8")
+    assert code == 2 and "device r1 has no PPP secret named 'pppoe-8' (checked from this shell" in one_line_error(err)
+    assert cli(url, "service", "add", "c7", "--device", "r1", "--method", "pppoe", "--target", "pppoe-7")[0] == 0
+    assert cli(url, "service", "add", "c8", "--device", "r1", "--method", "pppoe", "--target", "pppoe-8", "--no-check")[0] == 0
+    monkeypatch.delenv("WL_TEST_ROUTER_PASSWORD")
+    code, _, err = cli(url, "service", "add", "c9", "--device", "r1", "--method", "pppoe", "--target", "pppoe-9")
+    assert code == 0 and "warning: could not check the PPP secret 'pppoe-9'" in err
+
+
 def test_device_test_by_the_worker_or_from_this_shell(setup: str, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
     url = setup
     code, out, _ = cli(url, "device", "test", "r1", "--local")

@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     s_add.add_argument("--method", choices=["address-list", "pppoe"], required=True, help="how the router switches it")
     s_add.add_argument("--target", required=True, help="the customer's IP (address-list) or PPPoE user (pppoe)")
     s_add.add_argument("--desired", choices=["active", "suspended"], default="active", help="initial desired state (default active)")
+    s_add.add_argument("--no-check", action="store_true", help="pppoe: do not check from this shell that the router has the PPP secret")
     s_list = service.add_parser("list", help="list services (filters combine)")
     s_list.add_argument("--device", default=None, help="only this router's services (an unknown router is an error)")
     s_list.add_argument("--state", choices=["active", "suspended"], default=None, help="only services desired in this state")
@@ -399,6 +400,8 @@ async def get_service_or_history(conn: psycopg.AsyncConnection[Any], service_id:
 
 async def _service_add(conn: psycopg.AsyncConnection[Any], args: argparse.Namespace) -> None:
     target = _operator.checked_target(args.method, args.target)
+    if args.method == "pppoe" and not args.no_check:
+        await _check_ppp_secret(conn, args.device, target)
     async with conn.transaction():
         await _operator.check_new_service_id(conn, args.service_id)
         await get_device(conn, args.device)
@@ -409,6 +412,16 @@ async def _service_add(conn: psycopg.AsyncConnection[Any], args: argparse.Namesp
             detail={"device": args.device, "method": args.method, "target": target},
         )  # fmt: skip
     print(f"service {args.service_id} added on {args.device}")
+
+
+async def _check_ppp_secret(conn: psycopg.AsyncConnection[Any], device_name: str, user: str) -> None:
+    """A PPPoE service whose secret the router does not have fails every action: refuse it now. Read from this
+    shell; when this shell cannot read the router (its password, its network), say so and go on."""
+    now = await _device_now(conn, device_name, "pppoe", user)
+    if MISSING_ON_ROUTER in now:
+        raise OperatorError(f"device {device_name} has no PPP secret named {user!r} (checked from this shell; --no-check to add it anyway)")
+    if now.startswith("unknown"):
+        print(f"wl-workers: warning: could not check the PPP secret {user!r} on {device_name}: {now}", file=sys.stderr)
 
 
 async def _service_show(conn: psycopg.AsyncConnection[Any], args: argparse.Namespace) -> None:
