@@ -349,6 +349,10 @@ def test_bad_settings_name_the_variable_and_netcheck_settings_do_not_break_other
     code, _, err = cli(url, "run")
     assert code == 2 and "WL_NETCHECK_TARGETS=garbage: device-network target 'garbage'" in one_line_error(err)
     monkeypatch.delenv("WL_NETCHECK_TARGETS")
+    monkeypatch.setenv("PG_WORKER_CONCURRENCY", "lots")
+    code, _, err = cli(url, "run")
+    assert code == 2 and "PG_WORKER_CONCURRENCY=lots: " in one_line_error(err)
+    monkeypatch.delenv("PG_WORKER_CONCURRENCY")
     code, _, err = cli("postgresql://u:secretpw@127.0.0.1:99999/x", "device", "list")
     assert code == 2 and "DATABASE_URL is malformed" in one_line_error(err) and "secretpw" not in err
 

@@ -444,6 +444,19 @@ def _json_logs(args: argparse.Namespace) -> bool:
     return chosen == "json" or (chosen == "auto" and not sys.stderr.isatty())
 
 
+def settings_error(exc: ValidationError) -> str:
+    """One line naming each bad variable (``PG_WORKER_CONCURRENCY=abc: ...``), not pydantic's multi-line dump;
+    a URL's value is never shown (it may hold a password)."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        variable = field if field.isupper() else f"PG_WORKER_{field.upper()}"
+        value = error.get("input")
+        shown = f"={value}" if isinstance(value, str) and "url" not in field.lower() and len(value) <= 80 else ""
+        problems.append(f"{variable}{shown}: {str(error['msg']).removeprefix('Value error, ')}")
+    return "bad settings: " + "; ".join(problems)
+
+
 def _fail(message: str, code: int, json_errors: bool) -> int:
     """The last word of a failed command, in the log format: with JSON logs, stderr holds JSON lines only.
 
@@ -467,7 +480,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         configure_logging(settings.log_level, settings.log_format)
         return COMMANDS[args.command](args, settings)
-    except (UsageError, InvalidQueueName, InvalidSchedule, ValidationError, ValueError, TypeError, admin.UnknownQueue) as exc:
+    except ValidationError as exc:
+        return _fail(settings_error(exc), EXIT_USAGE, json_errors)
+    except (UsageError, InvalidQueueName, InvalidSchedule, ValueError, TypeError, admin.UnknownQueue) as exc:
         return _fail(str(exc), EXIT_USAGE, json_errors)
     except (SetupError, WorkerCrashed, admin.AdminError) as exc:
         return _fail(str(exc), EXIT_FAILURE, json_errors)

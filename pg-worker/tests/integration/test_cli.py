@@ -268,3 +268,9 @@ def test_queues_tells_running_jobs_from_jobs_waiting_to_retry(db_url: str) -> No
     assert "running" in table and "retrying" in table and "in flight" not in table
     status = json.loads(cli(db_url, "status", "--json", "--interval", "0.1").stdout)
     assert {"retrying", "done_per_s"} <= set(status[0])
+
+
+def test_a_bad_setting_is_one_line_naming_the_variable(db_url: str) -> None:
+    bad = cli(db_url, "queues", PG_WORKER_LOG_FORMAT="console", PG_WORKER_QUEUE_STATS_INTERVAL="soon")
+    assert bad.returncode == 2 and bad.stderr.startswith("pg-worker: error: bad settings: PG_WORKER_QUEUE_STATS_INTERVAL=soon: ")
+    assert bad.stderr.count("\n") == 1 and "pydantic" not in bad.stderr

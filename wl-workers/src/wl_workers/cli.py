@@ -400,7 +400,9 @@ async def get_service_or_history(conn: psycopg.AsyncConnection[Any], service_id:
 
 async def _service_add(conn: psycopg.AsyncConnection[Any], args: argparse.Namespace) -> None:
     target = _operator.checked_target(args.method, args.target)
-    if args.method == "pppoe" and not args.no_check:
+    await _operator.check_new_service_id(conn, args.service_id)  # (checked again below, in the transaction)
+    await get_device(conn, args.device)
+    if args.method == "pppoe" and not args.no_check:  # the router last: after what can be said without it
         await _check_ppp_secret(conn, args.device, target)
     async with conn.transaction():
         await _operator.check_new_service_id(conn, args.service_id)
@@ -572,6 +574,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     # The device-network check is the worker's: a bad WL_NETCHECK_* must not stop `device list` (init arguments
     # win over the environment in pydantic-settings).
     settings = WlSettings() if args.command == "run" else _settings()
+    wsettings = worker_settings() if args.command == "run" else None  # bad PG_WORKER_* said before anything starts
     url, _server = _database(settings)  # _server keeps an embedded PostgreSQL alive while in use
     if args.command == "migrate":
         report = asyncio.run(migrate(url))
@@ -580,7 +583,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "run":
         logger.info("database", extra={"event": "database", "url": redact_url(url)})
-        asyncio.run(serve(url, settings, worker_settings()))
+        assert wsettings is not None
+        asyncio.run(serve(url, settings, wsettings))
         return EXIT_OK
     if args.command == "reconcile":
         return asyncio.run(_reconcile_cmd(url, args))

@@ -97,8 +97,9 @@ def settings_error(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors(include_url=False):
         field = str(error["loc"][0]) if error["loc"] else ""
-        info = WlSettings.model_fields.get(field)
-        variable = field if field.isupper() else f"WL_{field.upper()}"
+        info = WlSettings.model_fields.get(field) if exc.title == WlSettings.__name__ else None
+        prefix = "WL_" if exc.title == WlSettings.__name__ else "PG_WORKER_"  # `run` also reads pg-worker's settings
+        variable = field if field.isupper() else f"{prefix}{field.upper()}"
         if info is not None and isinstance(info.validation_alias, str):
             variable = info.validation_alias
         value = error.get("input")
