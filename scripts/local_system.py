@@ -276,6 +276,15 @@ def lock_data_dir(config: Config) -> int:
     return fd
 
 
+def stop_restarted_server(config: Config) -> None:
+    """The embedded server's handle stops the postmaster *it* started; one that was killed meanwhile and started
+    again by a CLI (``PG_WORKER_DATA_DIR=... pg-worker queues``) would outlive us. Stop whatever postmaster runs in
+    our data directory now, unless another process still holds a handle on it."""
+    from pg_worker._database import _stop_if_unused
+
+    _stop_if_unused(config.data_dir / "postgres")
+
+
 def check_database_url(config: Config) -> None:
     """./scripts/dev writes demo data into its database and runs a worker on it (which takes any job it finds):
     a DATABASE_URL of the caller's is used only when asked for explicitly."""
@@ -365,6 +374,7 @@ def main() -> int:
         sup.stop_all()
         if server is not None:
             server.cleanup()  # the last user stops it (atexit would too; this is before we report stopped)
+            stop_restarted_server(config)
         if lock is not None:
             os.close(lock)  # after the server has stopped: a next ./scripts/dev finds everything released
     say("stopped" if status == 0 else "stopped after a failure")

@@ -283,3 +283,27 @@ def test_a_second_dev_on_the_same_data_says_where_the_first_runs(dev_dir: Path) 
     assert result.returncode == 1, result.stderr
     assert f"another ./scripts/dev (pid 4242) is running with its data in {dev_dir / 'data'}" in result.stderr
     assert not (dev_dir / "data" / "postgres").exists() and not (dev_dir / "data" / "dev.env").exists(), "nothing touched"
+
+
+@pytest.mark.slow
+def test_a_postmaster_killed_and_restarted_by_a_cli_is_stopped_with_dev(dev_dir: Path) -> None:
+    data_dir = dev_dir / "data"
+    dev = Dev.start(data_dir, {"ROUTER_PORT": free_port(), "WORKER_PORT": free_port(), "WEBHOOK_PORT": free_port()}, "restarted")
+    first = postmaster(data_dir / "postgres")
+    assert first is not None
+    first.kill()
+    first.wait(30)
+    # an operator's CLI on the same data directory starts it again (and leaves it to its other user, dev)
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith(("WL_", "PG_WORKER_"))}
+    env["PG_WORKER_DATA_DIR"] = str(data_dir / "postgres")
+
+    def restarted() -> bool:
+        result = subprocess.run([str(REPO / ".venv" / "bin" / "pg-worker"), "queues", "--json"], env=env, capture_output=True, text=True, timeout=60)
+        return result.returncode == 0  # the killed server's backends may hold its shared memory for a moment
+
+    wait_until(restarted, "the CLI restarting the killed server", timeout=60)
+    second = postmaster(data_dir / "postgres")
+    assert second is not None and second.pid != first.pid
+    dev.stop_and_check(signal.SIGINT, group=True, status=0)
+    second.wait(30)
+    assert not second.is_running(), "./scripts/dev left the restarted PostgreSQL running"

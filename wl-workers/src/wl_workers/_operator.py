@@ -8,11 +8,14 @@ password resolution, locks and verification.
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import ipaddress
 import os
 import re
 import ssl
+import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -23,8 +26,19 @@ import psycopg.errors
 from pg_worker import AsyncProducer
 
 from . import _sql, history
-from ._store import METHODS, Service, get_device, get_service, validate_password_ref, validate_target
+from ._store import (
+    METHODS,
+    SecretUnavailable,
+    Service,
+    get_device,
+    get_service,
+    list_services,
+    resolve_password,
+    validate_password_ref,
+    validate_target,
+)
 from .actions import ACTIVATE, DEACTIVATE, action_message
+from .drivers import DeviceError, Timeouts, make_driver
 from .settings import DEVICE_ACTIONS
 
 AConn = psycopg.AsyncConnection[Any]
@@ -246,8 +260,6 @@ async def update_device(conn: AConn, name: str, changes: dict[str, Any], *, acto
     await conn.execute(_sql.UPDATE_DEVICE, {k: checked[k] for k in (
         "name", "driver", "host", "port", "scheme", "ca_file", "tls_insecure", "username", "password_ref", "max_concurrent", "address_list"
     )})  # fmt: skip
-    from ._store import list_services
-
     for service in await list_services(conn, name):
         await history.record(conn, service.service_id, "service_updated", source="operator", actor=actor, reason=f"device {name} updated", detail={"before": before, "after": after})
     return before, after
@@ -314,10 +326,6 @@ class DeviceCheck:
 async def check_device_via_worker(conn: AConn, name: str, *, actor: str, wait: float, poll: float = 0.2) -> DeviceCheck:
     """Enqueue a ``device.test`` job and wait for the worker's answer in ``wl.device_tests``: the password is
     resolved where the worker runs, as every action does."""
-    import asyncio
-    import time
-    import uuid
-
     await get_device(conn, name)
     request_id = uuid.uuid4().hex
     message = {"type": "device.test", "device": name, "source": "operator", "actor": actor, "request_id": request_id}
@@ -338,11 +346,6 @@ async def check_device_via_worker(conn: AConn, name: str, *, actor: str, wait: f
 
 async def check_device_here(conn: AConn, name: str, *, connect_timeout: float, read_timeout: float) -> DeviceCheck:
     """The same test from this shell: this shell's environment and files resolve the password, not the worker's."""
-    import time
-
-    from ._store import SecretUnavailable, resolve_password
-    from .drivers import DeviceError, Timeouts, make_driver
-
     device = await get_device(conn, name)
     try:
         password = resolve_password(device.password_ref)
