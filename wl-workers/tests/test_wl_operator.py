@@ -248,6 +248,29 @@ def test_device_test_by_the_worker_or_from_this_shell(setup: str, cli: Cli, monk
     assert code == 1 and "no worker answered within 0.3 s" in out
 
 
+def test_service_show_can_ask_the_worker_to_read_the_router(setup: str, cli: Cli) -> None:
+    url = setup
+
+    def worker_reads() -> None:  # the worker's side of the contract: a router_read history row
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if any(m.get("type") == "service.refresh" for m in queued(url)):
+                sql(url, "INSERT INTO wl.service_history (service_id, kind, source, state, outcome, detail) VALUES ('c1', 'router_read', 'worker', 'suspended', 'verified', %s)",
+                    (json.dumps({"detail": "10.9.0.1 is in address-list morosos"}),))  # fmt: skip
+                return
+            time.sleep(0.05)
+
+    reading = threading.Thread(target=worker_reads)
+    reading.start()
+    code, out, _ = cli(url, "service", "show", "c1", "--refresh", "--timeout", "20")
+    reading.join()
+    assert code == 0 and "device    suspended (10.9.0.1 is in address-list morosos) [read by the worker at " in out
+    (message,) = queued(url)
+    assert message == {"type": "service.refresh", "service_id": "c1", "source": "operator", "actor": USER}
+    code, out, _ = cli(url, "service", "show", "c1", "--refresh", "--timeout", "0.3")
+    assert "device    unknown (no worker answered within 0.3 s)" in out
+
+
 # -- 3. bulk --------------------------------------------------------------------------------------------------
 
 

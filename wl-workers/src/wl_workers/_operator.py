@@ -362,3 +362,27 @@ async def check_device_here(conn: AConn, name: str, *, connect_timeout: float, r
         return DeviceCheck(False, f"{device.base_url}: {exc.kind}: {exc.reason}", "this shell")
     took = time.monotonic() - started
     return DeviceCheck(True, f"{device.base_url}: logged in as {device.username}, address-list {device.address_list} has {len(entries)} entries ({took:.2f} s)", "this shell")
+
+
+async def refresh_via_worker(conn: AConn, service: Service, *, actor: str, wait: float, poll: float = 0.2) -> str:
+    """Ask the worker to read the router for this service (a ``service.refresh`` job) and wait for its
+    ``router_read`` history row: what the router says, read with the worker's password and network."""
+    cur = await conn.execute(_sql.LAST_HISTORY_ID, (service.service_id,))
+    row = await cur.fetchone()
+    after = int(row[0]) if row else 0
+    message = {"type": "service.refresh", "service_id": service.service_id, "source": "operator", "actor": actor}
+    await AsyncProducer().enqueue(DEVICE_ACTIONS, message, conn=conn)
+    deadline = time.monotonic() + wait
+    while True:
+        cur = await conn.execute(_sql.ROUTER_READ_AFTER, (service.service_id, after))
+        found = await cur.fetchone()
+        if found is not None:
+            at, state, outcome, error_class, detail = found
+            said = (detail or {}).get("detail") or (detail or {}).get("error") or ""
+            when = at.astimezone(UTC).strftime("%H:%M:%S UTC")
+            if outcome == "error" or state is None:
+                return f"unknown ({error_class or 'error'}: {said}) [read by the worker at {when}]"
+            return f"{state}{f' ({said})' if said else ''} [read by the worker at {when}]"
+        if time.monotonic() >= deadline:
+            return f"unknown (no worker answered within {wait:g} s) [asked the worker]"
+        await asyncio.sleep(poll)

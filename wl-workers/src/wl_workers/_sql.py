@@ -128,3 +128,8 @@ LAST_ROUTER_READ = """
 SELECT at, state, outcome, detail FROM wl.service_history
 WHERE service_id = %s AND kind IN ('router_read', 'router_action') ORDER BY at DESC, id DESC LIMIT 1
 """
+LAST_HISTORY_ID = "SELECT coalesce(max(id), 0) FROM wl.service_history WHERE service_id = %s"
+ROUTER_READ_AFTER = """
+SELECT at, state, outcome, error_class, detail FROM wl.service_history
+WHERE service_id = %s AND kind = 'router_read' AND id > %s ORDER BY id LIMIT 1
+"""

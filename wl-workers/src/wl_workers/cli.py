@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(s_list)
     s_show = service.add_parser("show", help="desired vs applied vs what the device says now, and why")
     s_show.add_argument("service_id", help="the service")
-    s_show.add_argument("--no-device", action="store_true", help="do not read the router from this shell")
+    s_show.add_argument("--no-device", action="store_true", help="do not read the router")
+    s_show.add_argument("--refresh", action="store_true", help="ask the worker to read the router (its password, its network) instead of this shell")
+    s_show.add_argument("--timeout", type=float, default=30.0, help="with --refresh: seconds to wait for the worker (default 30)")
     _json_flag(s_show)
     s_hist = service.add_parser("history", help="what happened to a service, newest first")
     s_hist.add_argument("service_id", help="the service (also one that was removed)")
@@ -429,7 +431,12 @@ async def _check_ppp_secret(conn: psycopg.AsyncConnection[Any], device_name: str
 async def _service_show(conn: psycopg.AsyncConnection[Any], args: argparse.Namespace) -> None:
     s = await get_service(conn, args.service_id)
     why = await _operator.why(conn, s)
-    now = None if args.no_device else await _device_now(conn, s.device, s.method, s.target)
+    if args.no_device:
+        now = None
+    elif args.refresh:
+        now = await _operator.refresh_via_worker(conn, s, actor=os_user(), wait=args.timeout)
+    else:
+        now = await _device_now(conn, s.device, s.method, s.target)
     if args.json:
         row = {k: v for k, v in vars(s).items() if k != "device_id"}
         _print_json({**row, "why": why, "device_now": now})
