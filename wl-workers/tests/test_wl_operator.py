@@ -422,9 +422,10 @@ def test_run_waits_for_the_database_and_warns_without_a_payment_token(wl_db: str
         assert sum('"db_error"' in line for line in lines) >= 2
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        code = proc.wait(30)
         reader.join(10)
         proc.stderr.close()  # type: ignore[union-attr]
+    assert code == 128 + signal.SIGTERM, "a stop while waiting for the database is an orderly exit"
     assert not [line for line in lines if "Traceback" in line]
 
     proc = _cli_process(wl_db, "run", stderr=subprocess.PIPE)

@@ -15,7 +15,9 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import date, datetime
 from pathlib import Path
@@ -625,8 +627,16 @@ def _pipe_closed() -> int:
     return EXIT_PIPE
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    # The default action would end the process without atexit hooks, where an embedded server's handle is released.
+    # (`run` replaces this with its graceful stop once the worker starts.)
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         configure_logging(args.log_level)
         # httpx logs every request at INFO: one line per router call is noise next to our own action events
