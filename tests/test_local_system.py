@@ -256,3 +256,54 @@ def test_a_killed_dev_takes_its_parts_with_it(dev_dir: Path) -> None:
     again = Dev.start(data_dir, {"ROUTER_PORT": free_port(), "WORKER_PORT": free_port(), "WEBHOOK_PORT": free_port()}, "after-kill")
     again.stop_and_check(signal.SIGINT, group=True, status=0)
     server.wait(30)
+
+
+def _dev_once(dev_dir: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("DEV_")}
+    env.update({f"DEV_{k}": str(free_port()) for k in ("ROUTER_PORT", "WORKER_PORT", "WEBHOOK_PORT")}, DEV_DATA_DIR=str(dev_dir / "data"), **extra)
+    return subprocess.run([str(REPO / "scripts" / "dev")], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_dev_refuses_a_database_url_of_yours_unless_told(dev_dir: Path) -> None:
+    result = _dev_once(dev_dir, DATABASE_URL="postgresql://billing:hunter2@127.0.0.1:1/production")
+    assert result.returncode == 1, result.stderr
+    assert "is not this system's own database" in result.stderr and "DEV_USE_DATABASE_URL=1" in result.stderr
+    assert "hunter2" not in result.stderr and not (dev_dir / "data" / "postgres").exists(), "nothing was started"
+
+
+def test_a_second_dev_on_the_same_data_says_where_the_first_runs(dev_dir: Path) -> None:
+    import fcntl
+
+    (dev_dir / "data").mkdir()
+    with (dev_dir / "data" / "dev.lock").open("w") as held:  # what a running ./scripts/dev holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        result = _dev_once(dev_dir)
+    assert result.returncode == 1, result.stderr
+    assert f"another ./scripts/dev (pid 4242) is running with its data in {dev_dir / 'data'}" in result.stderr
+    assert not (dev_dir / "data" / "postgres").exists() and not (dev_dir / "data" / "dev.env").exists(), "nothing touched"
+
+
+@pytest.mark.slow
+def test_a_postmaster_killed_and_restarted_by_a_cli_is_stopped_with_dev(dev_dir: Path) -> None:
+    data_dir = dev_dir / "data"
+    dev = Dev.start(data_dir, {"ROUTER_PORT": free_port(), "WORKER_PORT": free_port(), "WEBHOOK_PORT": free_port()}, "restarted")
+    first = postmaster(data_dir / "postgres")
+    assert first is not None
+    first.kill()
+    first.wait(30)
+    # an operator's CLI on the same data directory starts it again (and leaves it to its other user, dev)
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith(("WL_", "PG_WORKER_"))}
+    env["PG_WORKER_DATA_DIR"] = str(data_dir / "postgres")
+
+    def restarted() -> bool:
+        result = subprocess.run([str(REPO / ".venv" / "bin" / "pg-worker"), "queues", "--json"], env=env, capture_output=True, text=True, timeout=60)
+        return result.returncode == 0  # the killed server's backends may hold its shared memory for a moment
+
+    wait_until(restarted, "the CLI restarting the killed server", timeout=60)
+    second = postmaster(data_dir / "postgres")
+    assert second is not None and second.pid != first.pid
+    dev.stop_and_check(signal.SIGINT, group=True, status=0)
+    second.wait(30)
+    assert not second.is_running(), "./scripts/dev left the restarted PostgreSQL running"

@@ -101,17 +101,34 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _migrate(_args: argparse.Namespace) -> int:
-    from ._migrate import migrate
-
     settings = _load_settings({})
     _configure_logging(settings)
     if not settings.database_url:
         raise SystemExit("payment-webhook: set DATABASE_URL (or WEBHOOK_DATABASE_URL)")
-    report = asyncio.run(migrate(settings.database_url))
+    report = asyncio.run(_migrate_or_exit(settings.database_url))
     applied = ", ".join(map(str, report.applied)) or "none"
     queues = ", ".join(report.install.created_queues) if report.install and report.install.created_queues else "none new"
     print(f"webhook schema at version {report.current} (applied now: {applied}); queues: {queues}")
     return 0
+
+
+async def _migrate_or_exit(url: str) -> Any:
+    """One line for a database that is down or a URL that is malformed, never a traceback (password masked)."""
+    import psycopg
+
+    from pg_worker import SetupError, redact_url
+    from pg_worker.logging_setup import redact_text
+
+    from ._migrate import migrate
+
+    try:
+        return await migrate(url)
+    except psycopg.ProgrammingError as exc:
+        reason = redact_text(str(exc).strip().replace(url, redact_url(url))).splitlines()[0]
+        raise SystemExit(f"payment-webhook: DATABASE_URL is malformed: {reason}") from None
+    except (psycopg.Error, SetupError, OSError) as exc:
+        lines = redact_text(str(exc).strip().replace(url, redact_url(url))).splitlines()
+        raise SystemExit(f"payment-webhook: cannot migrate {redact_url(url)}: {lines[0] if lines else type(exc).__name__}") from None
 
 
 def _send_test_event(args: argparse.Namespace) -> int:
@@ -150,7 +167,7 @@ def _send_test_event(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="payment-webhook", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="payment-webhook", description=(__doc__ or "").replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the webhook endpoints (DATABASE_URL, WEBHOOK_* secrets and limits)")
     serve.add_argument("--host", default=None, help="listen address (env WEBHOOK_HOST, default 127.0.0.1)")
@@ -176,9 +193,9 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("--url", default=os.environ.get("WEBHOOK_URL", "http://127.0.0.1:8080"), help="server base URL (env WEBHOOK_URL)")
     test.add_argument("--payment-id", default=None, help="payment id (default: a new test id)")
     test.add_argument("--event-id", default=None, help="webhook-id (default: a new one; repeat one to test deduplication)")
-    test.add_argument("--amount", default="100.00")
-    test.add_argument("--currency", default="ARS")
-    test.add_argument("--timeout", type=float, default=10.0)
+    test.add_argument("--amount", default="100.00", help="amount in the event (default 100.00)")
+    test.add_argument("--currency", default="ARS", help="currency in the event (default ARS)")
+    test.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server (default 10)")
     test.set_defaults(func=_send_test_event)
     return parser
 

@@ -452,7 +452,8 @@ def queue_stats(queues: list[str], with_dlq: set[str], limit: int = EXACT_COUNT_
                        CASE WHEN to_regclass({dlq_reg}) IS NULL THEN 0
                             WHEN dc.reltuples > {limit} THEN dc.reltuples::bigint ELSE {dlq_depth} END,
                        c.reltuples > {limit},
-                       coalesce(pg_sequence_last_value(pg_get_serial_sequence({reg}, 'msg_id')::regclass), 0)
+                       coalesce(pg_sequence_last_value(pg_get_serial_sequence({reg}, 'msg_id')::regclass), 0),
+                       {retrying}
                 FROM pg_class c LEFT JOIN pg_class dc ON dc.oid = to_regclass({dlq_reg})
                 WHERE c.oid = {reg}::regclass
                 """
@@ -464,7 +465,10 @@ def queue_stats(queues: list[str], with_dlq: set[str], limit: int = EXACT_COUNT_
                 dlq_reg=dlq_regclass,
                 depth=_capped_count(table, "true", limit),
                 visible=_capped_count(table, "vt <= clock_timestamp()", limit),
-                in_flight=_capped_count(table, "vt > clock_timestamp() AND read_ct > 0", limit),
+                # held by a worker now, versus invisible after a recorded retry (its delivery closed): the two
+                # look alike in pgmq (read, vt in the future) and differ in pg-worker's closed-delivery header
+                in_flight=_capped_count(table, _HELD_NOW, limit),
+                retrying=_capped_count(table, f"read_ct > 0 AND vt > clock_timestamp() AND NOT {_HELD_NOW}", limit),
                 delayed=_capped_count(table, "vt > clock_timestamp() AND read_ct = 0", limit),
                 dlq_depth=dlq_depth,
             )

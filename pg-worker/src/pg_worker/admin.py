@@ -38,6 +38,8 @@ class QueueStats:
     dlq_depth: int
     estimated: bool
     enqueued_total: int
+    # of the messages read and not yet visible: in_flight are held by a worker now, retrying wait for their retry
+    retrying: int = 0
 
 
 @dataclass(frozen=True)

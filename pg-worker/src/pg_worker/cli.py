@@ -48,6 +48,17 @@ class UsageError(Exception):
     """Bad input from the command line: printed without a traceback, exit code 2."""
 
 
+def _count(text: str) -> int:
+    """A --limit: a whole number, 0 or more (a negative one would reach the database as LIMIT -1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _flag(parser: argparse.ArgumentParser, *names: str, env: str, help: str, **kwargs: Any) -> None:
     parser.add_argument(*names, default=None, help=f"{help} [env: {env}]", **kwargs)
 
@@ -95,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(send, "--max-message-size", env="PG_WORKER_MAX_MESSAGE_SIZE", type=int, help="largest accepted message, in bytes of JSON (default 1 MiB)")
     _common(send)
 
-    queues = commands.add_parser("queues", help="a table of queues: depth, visible, in flight, oldest age, DLQ depth")
+    queues = commands.add_parser("queues", help="a table of queues: depth, visible, running, waiting to retry, delayed, oldest age, DLQ depth")
     queues.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _common(queues)
 
@@ -103,22 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="keep refreshing until Ctrl-C")
     status.add_argument("--interval", type=float, default=2.0, help="seconds between samples (default 2)")
     status.add_argument("--iterations", type=int, default=0, help="with --watch: stop after this many refreshes (0 = never)")
+    status.add_argument("--json", action="store_true", help="print JSON (one sample, without --watch)")
     _common(status)
 
     dlq = commands.add_parser("dlq", help="inspect and act on dead-letter queues")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     dlq_ls = dlq_commands.add_parser("list", help="dead letters of a queue, oldest first")
     dlq_ls.add_argument("queue", help="the queue (or its _dlq)")
-    dlq_ls.add_argument("--limit", type=int, default=50)
-    dlq_ls.add_argument("--json", action="store_true")
+    dlq_ls.add_argument("--limit", type=_count, default=50, help="at most this many (default 50)")
+    dlq_ls.add_argument("--wide", action="store_true", help="the whole message and error, not cut to the terminal")
+    dlq_ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     dlq_show = dlq_commands.add_parser("show", help="one dead letter in full (JSON)")
-    dlq_show.add_argument("queue")
+    dlq_show.add_argument("queue", help="the queue (or its _dlq)")
     dlq_show.add_argument("dlq_id", type=int, metavar="DLQ_ID", help="the dead letter's dlq_id, as `dlq list` shows it")
     for action, text in (("replay", "send dead letters back to their queue, attempts reset"), ("purge", "delete dead letters for good")):
         sub = dlq_commands.add_parser(action, help=text)
-        sub.add_argument("queue")
+        sub.add_argument("queue", help="the queue (or its _dlq)")
         sub.add_argument("dlq_ids", type=int, nargs="*", metavar="DLQ_ID", help="dlq_ids as `dlq list` shows them (not the original msg_id)")
         sub.add_argument("--all", dest="every", action="store_true", help="every message in the DLQ")
+        if action == "purge":
+            sub.add_argument("--yes", "-y", action="store_true", help="with --all: do not ask (needed without a terminal)")
     for sub in dlq_commands.choices.values():
         _common(sub)
     return parser
@@ -288,14 +303,14 @@ def _age(seconds: float | None) -> str:
 
 def _queue_table(stats: list[admin.QueueStats], rates: dict[str, tuple[float, float, float]] | None = None) -> Table:
     table = Table(title="pgmq queues", header_style="bold")
-    for column in ("queue", "depth", "visible", "in flight", "delayed", "oldest", "dlq"):
+    for column in ("queue", "depth", "visible", "running", "retrying", "delayed", "oldest", "dlq"):
         table.add_column(column, justify="left" if column == "queue" else "right")
     if rates is not None:
         for column in ("in/s", "done/s", "dead/s"):
             table.add_column(column, justify="right")
     for s in stats:
         depth = f"~{s.depth:,}" if s.estimated else f"{s.depth:,}"
-        cells = [s.queue, depth, f"{s.visible:,}", f"{s.in_flight:,}", f"{s.delayed:,}", _age(s.oldest_age), f"{s.dlq_depth:,}"]
+        cells = [s.queue, depth, f"{s.visible:,}", f"{s.in_flight:,}", f"{s.retrying:,}", f"{s.delayed:,}", _age(s.oldest_age), f"{s.dlq_depth:,}"]
         if rates is not None:
             cells += [f"{r:,.1f}" for r in rates.get(s.queue, (0.0, 0.0, 0.0))]
         table.add_row(*cells, style="red" if s.dlq_depth else None)
@@ -332,6 +347,8 @@ def _rates(before: list[admin.QueueStats], after: list[admin.QueueStats], second
 def _cmd_status(args: argparse.Namespace, settings: WorkerSettings) -> int:
     if args.interval <= 0:
         raise UsageError("--interval must be > 0")
+    if args.json and args.watch:
+        raise UsageError("--json prints one sample: leave out --watch")
     conn, _server = _connect(settings)
     console = _console()
     with conn:
@@ -339,7 +356,12 @@ def _cmd_status(args: argparse.Namespace, settings: WorkerSettings) -> int:
         if not args.watch:
             time.sleep(args.interval)
             after = admin.fetch_queue_stats(conn)
-            console.print(_queue_table(after, _rates(before, after, time.monotonic() - at)))
+            rates = _rates(before, after, time.monotonic() - at)
+            if args.json:
+                names = ("enqueued_per_s", "done_per_s", "dead_lettered_per_s")
+                print(json.dumps([{**asdict(s), **dict(zip(names, rates.get(s.queue, (0.0, 0.0, 0.0)), strict=True))} for s in after]))
+            else:
+                console.print(_queue_table(after, rates))
             return EXIT_OK
         refreshes = 0
         with Live(_queue_table(before, {}), console=console, auto_refresh=False) as live:
@@ -355,20 +377,37 @@ def _cmd_status(args: argparse.Namespace, settings: WorkerSettings) -> int:
     return EXIT_OK
 
 
-def _dlq_table(queue: str, letters: list[admin.DeadLetter]) -> Table:
+# Fields that name what a job is about (a customer, a device, a payment): shown first, so a cut message keeps them.
+SUBJECT_KEYS = ("service_id", "device", "payment_id", "customer_id", "id")
+
+
+def _subject(message: Any) -> str:
+    if not isinstance(message, dict):
+        return ""
+    keys = [k for k in SUBJECT_KEYS if k in message] + sorted(k for k in message if k.endswith("_id") and k not in SUBJECT_KEYS)
+    return " ".join(f"{k}={message[k]}" for k in keys if not isinstance(message[k], dict | list))
+
+
+def _dlq_table(queue: str, letters: list[admin.DeadLetter], *, wide: bool = False) -> Table:
     table = Table(title=f"dead letters of {queue}", header_style="bold")
-    for column in ("dlq_id", "original msg_id", "dead since", "attempts", "reason", "error", "message"):
-        table.add_column(column)
+    for column in ("dlq_id", "original msg_id", "dead since", "attempts", "type", "subject", "reason", "error", "message"):
+        table.add_column(column, overflow="fold" if wide else "ellipsis")
     for d in letters:
         error = d.error
+        message = d.body.get("message")
+        rest = {k: v for k, v in message.items() if k != "type"} if isinstance(message, dict) else message
+        error_text = f"{str(error.get('type', '')).rsplit('.', 1)[-1]}: {error.get('message', '')}"
+        message_text = json.dumps(rest)
         table.add_row(
             str(d.dlq_id),
             str(d.original_msg_id if d.original_msg_id is not None else "-"),
             d.dead_since.strftime("%Y-%m-%d %H:%M:%S"),
             str(d.body.get("attempts", "")),
+            str(message.get("type", "")) if isinstance(message, dict) else "",
+            _subject(message),
             str(error.get("reason", "")),
-            f"{str(error.get('type', '')).rsplit('.', 1)[-1]}: {error.get('message', '')}"[:80],
-            json.dumps(d.body.get("message"))[:60],
+            error_text if wide else error_text[:80],
+            message_text if wide else message_text[:80],
         )
     return table
 
@@ -381,7 +420,7 @@ def _cmd_dlq(args: argparse.Namespace, settings: WorkerSettings) -> int:
             if args.json:
                 print(json.dumps([d.as_dict() for d in letters], default=str))
             else:
-                _console().print(_dlq_table(args.queue, letters) if letters else f"{args.queue}: no dead letters")
+                _console().print(_dlq_table(args.queue, letters, wide=args.wide) if letters else f"{args.queue}: no dead letters")
         elif args.dlq_command == "show":
             print(json.dumps(admin.dlq_show(conn, args.queue, args.dlq_id).as_dict(), indent=2, default=str))
         elif args.dlq_command == "replay":
@@ -389,10 +428,21 @@ def _cmd_dlq(args: argparse.Namespace, settings: WorkerSettings) -> int:
             queue = args.queue.removesuffix("_dlq")
             print(f"replayed {len(moved)} message(s) to {queue}" + "".join(f"\n  dlq_id {old} -> msg_id {new} in {queue}" for old, new in moved))
         else:
+            if args.every and not args.yes:
+                _confirm_purge_all(conn, args.queue)
             purged = admin.dlq_purge(conn, args.queue, args.dlq_ids, every=args.every)
             dlq = f"{args.queue.removesuffix('_dlq')}_dlq"
             print(f"purged {len(purged)} message(s) from {dlq}" + "".join(f"\n  dlq_id {dlq_id}" for dlq_id in sorted(purged)))
     return EXIT_OK
+
+
+def _confirm_purge_all(conn: psycopg.Connection[Any], queue: str) -> None:
+    """Deleting every dead letter for good: typed agreement on a terminal, or --yes; never silently."""
+    _, dlq = admin.resolve_dlq(conn, queue)
+    if not sys.stdin.isatty():
+        raise UsageError(f"dlq purge --all deletes every message of {dlq} for good: add --yes (no terminal to ask)")
+    if input(f"delete every dead letter of {dlq} for good? [y/N] ").strip().lower() not in ("y", "yes"):
+        raise UsageError(f"dlq purge --all: not confirmed, nothing deleted from {dlq}")
 
 
 COMMANDS = {"run": _cmd_run, "install": _cmd_install, "send": _cmd_send, "queues": _cmd_queues, "status": _cmd_status, "dlq": _cmd_dlq}
@@ -406,6 +456,19 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 def _json_logs(args: argparse.Namespace) -> bool:
     chosen = getattr(args, "log_format", None) or os.environ.get("PG_WORKER_LOG_FORMAT") or "auto"
     return chosen == "json" or (chosen == "auto" and not sys.stderr.isatty())
+
+
+def settings_error(exc: ValidationError) -> str:
+    """One line naming each bad variable (``PG_WORKER_CONCURRENCY=abc: ...``), not pydantic's multi-line dump;
+    a URL's value is never shown (it may hold a password)."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        variable = field if field.isupper() else f"PG_WORKER_{field.upper()}"
+        value = error.get("input")
+        shown = f"={value}" if isinstance(value, str) and "url" not in field.lower() and len(value) <= 80 else ""
+        problems.append(f"{variable}{shown}: {str(error['msg']).removeprefix('Value error, ')}")
+    return "bad settings: " + "; ".join(problems)
 
 
 def _fail(message: str, code: int, json_errors: bool) -> int:
@@ -431,7 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         configure_logging(settings.log_level, settings.log_format)
         return COMMANDS[args.command](args, settings)
-    except (UsageError, InvalidQueueName, InvalidSchedule, ValidationError, ValueError, TypeError, admin.UnknownQueue) as exc:
+    except ValidationError as exc:
+        return _fail(settings_error(exc), EXIT_USAGE, json_errors)
+    except (UsageError, InvalidQueueName, InvalidSchedule, ValueError, TypeError, admin.UnknownQueue) as exc:
         return _fail(str(exc), EXIT_USAGE, json_errors)
     except (SetupError, WorkerCrashed, WorkerFailure, admin.AdminError) as exc:
         return _fail(str(exc), EXIT_FAILURE, json_errors)

@@ -109,7 +109,10 @@ def test_dlq_purge_one_then_all_and_its_errors(dead_letters: str) -> None:
     assert len(asyncio.run(dlq_messages(dead_letters, "jobs"))) == 3
     one = cli(dead_letters, "dlq", "purge", "jobs", "2")
     assert one.stdout.splitlines()[0] == "purged 1 message(s) from jobs_dlq"
-    rest = cli(dead_letters, "dlq", "purge", "jobs_dlq", "--all")
+    unasked = cli(dead_letters, "dlq", "purge", "jobs_dlq", "--all")
+    assert unasked.returncode == 2 and "add --yes (no terminal to ask)" in unasked.stderr
+    assert len(asyncio.run(dlq_messages(dead_letters, "jobs"))) == 2, "nothing deleted without --yes"
+    rest = cli(dead_letters, "dlq", "purge", "jobs_dlq", "--all", "--yes")
     assert rest.stdout.splitlines()[0] == "purged 2 message(s) from jobs_dlq"
     assert asyncio.run(dlq_messages(dead_letters, "jobs")) == []
 
@@ -221,3 +224,53 @@ def test_queues_and_status_list_queues_pg_worker_would_not_create(db_url: str) -
     status = cli(db_url, "status")
     assert status.returncode == 0, status.stderr
     assert "Billing_Events" in status.stdout
+
+
+def test_dlq_list_shows_each_jobs_type_and_subject_and_refuses_a_negative_limit(db_url: str) -> None:
+    app = App()
+
+    @app.handler("device_actions")
+    async def fail(job: Job[dict[str, Any]]) -> None:
+        raise PermanentFailure("device r1: the device has no PPP secret named 'pppoe-5001'")
+
+    asyncio.run(pg_worker.install(db_url, ["device_actions"]))
+    long_reason = "unpaid invoice " + "x" * 200  # before the fix, the cut message never reached the service_id
+    with pg_worker.Producer(db_url) as producer:
+        producer.enqueue("device_actions", {"reason": long_reason, "event_at": "2026-11-30T14:02:00+00:00", "service_id": "cust-5001"}, type="service.deactivate")
+    asyncio.run(pg_worker.run_worker(app, db_url, pg_worker.WorkerConfig(concurrency=1), stop_when_idle=True))
+    listed = cli(db_url, "dlq", "list", "device_actions")
+    assert listed.returncode == 0, listed.stderr
+    header, row = (line for line in listed.stdout.splitlines() if "type" in line or "cust-5001" in line)
+    assert "subject" in header and "service.deactivate" in row and "service_id=cust-5001" in row
+    negative = cli(db_url, "dlq", "list", "device_actions", "--limit", "-1")
+    assert negative.returncode == 2 and "must be 0 or more" in negative.stderr and "database error" not in negative.stderr
+
+
+def test_queues_tells_running_jobs_from_jobs_waiting_to_retry(db_url: str) -> None:
+    app = App()
+    app.queue("jobs", retry=pg_worker.RetryPolicy(max_attempts=5, base_delay=600, max_delay=600))
+
+    @app.handler("jobs")
+    async def flaky(job: Job[dict[str, Any]]) -> None:
+        raise RuntimeError("device timed out")
+
+    asyncio.run(pg_worker.install(db_url, ["jobs"]))
+    with pg_worker.Producer(db_url) as producer:
+        producer.enqueue("jobs", {"n": 1})
+    asyncio.run(pg_worker.run_worker(app, db_url, pg_worker.WorkerConfig(concurrency=1), stop_when_idle=True))  # -> waits 600 s
+    with pg_worker.Producer(db_url) as producer:
+        producer.enqueue("jobs", {"n": 2})
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("SELECT * FROM pgmq.read('jobs', 600, 1)")  # held, as a worker holds a running job
+    (row,) = [r for r in json.loads(cli(db_url, "queues", "--json").stdout) if r["queue"] == "jobs"]
+    assert (row["depth"], row["in_flight"], row["retrying"], row["visible"]) == (2, 1, 1, 0)
+    table = cli(db_url, "queues").stdout
+    assert "running" in table and "retrying" in table and "in flight" not in table
+    status = json.loads(cli(db_url, "status", "--json", "--interval", "0.1").stdout)
+    assert {"retrying", "done_per_s"} <= set(status[0])
+
+
+def test_a_bad_setting_is_one_line_naming_the_variable(db_url: str) -> None:
+    bad = cli(db_url, "queues", PG_WORKER_LOG_FORMAT="console", PG_WORKER_QUEUE_STATS_INTERVAL="soon")
+    assert bad.returncode == 2 and bad.stderr.startswith("pg-worker: error: bad settings: PG_WORKER_QUEUE_STATS_INTERVAL=soon: ")
+    assert bad.stderr.count("\n") == 1 and "pydantic" not in bad.stderr

@@ -225,3 +225,47 @@ RECORD_DEVICE_TEST = """
 INSERT INTO wl.device_tests (request_id, device, ok, message) VALUES (%(request_id)s, %(device)s, %(ok)s, %(message)s)
 ON CONFLICT (request_id) DO UPDATE SET at = clock_timestamp(), ok = EXCLUDED.ok, message = EXCLUDED.message
 """
+
+# -- operator commands (service remove/move/update, device update, history, import) ------------------------------
+
+SERVICE_ID_CASEFOLD = "SELECT service_id FROM wl.customer_services WHERE lower(service_id) = lower(%s)"
+SERVICE_AT_TARGET = """
+SELECT s.service_id FROM wl.customer_services s JOIN wl.devices d ON d.id = s.device_id
+WHERE d.name = %(device)s AND s.method = %(method)s AND s.target = %(target)s
+"""
+DELETE_SERVICE = "DELETE FROM wl.customer_services WHERE service_id = %s"
+UPDATE_SERVICE = """
+UPDATE wl.customer_services s
+SET device_id = d.id, method = %(method)s, target = %(target)s, updated_at = now()
+FROM wl.devices d
+WHERE s.service_id = %(service_id)s AND d.name = %(device)s
+"""
+UPDATE_DEVICE = """
+UPDATE wl.devices
+SET driver = %(driver)s, host = %(host)s, port = %(port)s, scheme = %(scheme)s, ca_file = %(ca_file)s,
+    tls_insecure = %(tls_insecure)s, username = %(username)s, password_ref = %(password_ref)s,
+    max_concurrent = %(max_concurrent)s, address_list = %(address_list)s, own_entries_only = %(own_entries_only)s,
+    updated_at = now()
+WHERE name = %(name)s
+"""
+DEVICE_TEST_RESULT = "SELECT ok, message, at FROM wl.device_tests WHERE request_id = %s"
+COUNT_SERVICES_OFF_DEVICE = """
+SELECT count(*) FROM wl.customer_services s JOIN wl.devices d ON d.id = s.device_id WHERE d.name <> %s
+"""
+# the newest history row that set the service's current desired state (the one-line "why" of `service show`)
+LAST_CAUSE = """
+SELECT id, service_id, at, kind, source, actor, reason, event_id, payment_id, state, outcome, error_class, duration_ms,
+       detail
+FROM wl.service_history
+WHERE service_id = %s AND kind = ANY(%s) AND (state IS NULL OR state = %s)
+ORDER BY at DESC, id DESC LIMIT 1
+"""
+LAST_ROUTER_READ = """
+SELECT at, state, outcome, detail FROM wl.service_history
+WHERE service_id = %s AND kind IN ('router_read', 'router_action') ORDER BY at DESC, id DESC LIMIT 1
+"""
+LAST_HISTORY_ID = "SELECT coalesce(max(id), 0) FROM wl.service_history WHERE service_id = %s"
+ROUTER_READ_AFTER = """
+SELECT at, state, outcome, error_class, detail FROM wl.service_history
+WHERE service_id = %s AND kind = 'router_read' AND id > %s ORDER BY id LIMIT 1
+"""

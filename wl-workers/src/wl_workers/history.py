@@ -15,6 +15,10 @@ from psycopg.types.json import Jsonb
 
 from . import _sql
 
+COLUMNS = (
+    "id", "service_id", "at", "kind", "source", "actor", "reason", "event_id", "payment_id", "state", "outcome",
+    "error_class", "duration_ms", "detail",
+)  # fmt: skip
 KINDS = (
     "event_accepted", "event_stale", "desired_changed", "router_action", "router_read", "dead_letter",
     "operator", "service_added", "service_removed", "service_moved", "service_updated",
@@ -68,4 +72,4 @@ def event_key(event_id: str | None, msg_id: int | None) -> str | None:
     return event_id or (f"msg:{msg_id}" if msg_id is not None else None)
 
 
-__all__ = ["KINDS", "event_key", "list_history", "prune", "record"]
+__all__ = ["COLUMNS", "KINDS", "event_key", "list_history", "prune", "record"]

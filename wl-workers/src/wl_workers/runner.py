@@ -11,6 +11,8 @@ import logging
 import os
 import random
 
+import psycopg
+
 from pg_worker import SetupError, Worker, WorkerCrashed
 from pg_worker import cli as pg_worker_cli
 from pg_worker.settings import WorkerSettings
@@ -57,11 +59,42 @@ async def _periodic_reconcile(conninfo: str, settings: WlSettings, stop: asyncio
             )
 
 
+STARTUP_RETRY_FIRST, STARTUP_RETRY_MAX = 0.5, 10.0
+
+
+async def _pending_when_reachable(conninfo: str) -> list[str]:
+    """The pending migrations, once the database answers: at start-up a database that is not up yet (compose
+    starting both, a restart) is waited for with backoff, as pg-worker's own start-up does; a SIGTERM/SIGINT ends
+    the wait. A database that refuses us for good (no such database, bad password) is not retried."""
+    from pg_worker._worker import _is_permanent
+
+    delay, attempt = STARTUP_RETRY_FIRST, 0
+    while True:
+        try:
+            return await pending_migrations(conninfo)
+        except psycopg.OperationalError as exc:
+            if _is_permanent(exc):
+                raise SetupError(f"cannot use the database: {str(exc).strip().splitlines()[0]}") from None
+            attempt += 1
+            logger.warning(
+                "db_error",
+                extra={"event": "db_error", "operation": "startup", "attempt": attempt, "retry_in_s": round(delay, 3), "error": str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__},
+            )
+            await asyncio.sleep(delay * (0.75 + random.random() / 2))
+            delay = min(delay * 2, STARTUP_RETRY_MAX)
+
+
 async def serve(conninfo: str, settings: WlSettings, wsettings: WorkerSettings) -> Worker:
-    pending = await pending_migrations(conninfo)
+    pending = await _pending_when_reachable(conninfo)
     if pending:
         # handlers would fail on every job (and dead-letter them): refuse to start instead
         raise SetupError(f"schema wl lacks migrations {', '.join(pending)}: run `wl-workers migrate` first")
+    if settings.mercadopago_access_token is None:
+        # the queue is consumed all the same: each payment job would fail, retry, and end in the dead-letter queue
+        logger.warning(
+            "payment_sync_without_token",
+            extra={"event": "payment_sync_without_token", "queue": "payment_sync", "error": "MERCADOPAGO_ACCESS_TOKEN is not set: payments.sync jobs will fail"},
+        )
     app = build_app(conninfo, settings)
     netcheck = settings.netcheck()
     monitor = NetworkMonitor(netcheck) if netcheck is not None else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .netcheck import NetcheckConfig, parse_targets, validate_interface_name
@@ -21,7 +21,8 @@ class WlSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WL_", extra="ignore", populate_by_name=True)
 
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
-    data_dir: Path = Path(".data/postgres")
+    # WL_DATA_DIR, else pg-worker's PG_WORKER_DATA_DIR (what docs/operations.md tells operators to set)
+    data_dir: Path = Field(default=Path(".data/postgres"), validation_alias=AliasChoices("WL_DATA_DIR", "PG_WORKER_DATA_DIR", "data_dir"))
 
     # device calls
     http_connect_timeout: float = Field(default=3.0, gt=0)
@@ -46,6 +47,7 @@ class WlSettings(BaseSettings):
     reconcile_interval: float = Field(default=600.0, ge=0)
     reconcile_concurrency: int = Field(default=4, ge=1)  # devices read at once
     reconcile_device_budget: float = Field(default=60.0, gt=0)  # seconds one device may take in a pass
+    # wl.service_history rows older than this are deleted by `wl-workers history prune` and the periodic reconcile
     history_retention_days: float = Field(default=400.0, gt=0)
 
     # payments.sync
@@ -53,6 +55,7 @@ class WlSettings(BaseSettings):
     mercadopago_access_token: SecretStr | None = Field(default=None, validation_alias="MERCADOPAGO_ACCESS_TOKEN")
     payment_max_attempts: int = Field(default=10, ge=1)
     payment_base_delay: float = Field(default=5.0, ge=0)
+
 
     # device-network self-check inside `wl-workers run` (off unless an interface or targets are set)
     netcheck_interface: str | None = None
@@ -95,3 +98,23 @@ class WlSettings(BaseSettings):
     @classmethod
     def _no_trailing_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+
+SECRET_VARIABLES = {"DATABASE_URL", "MERCADOPAGO_ACCESS_TOKEN"}
+
+
+def settings_error(exc: ValidationError) -> str:
+    """One line naming each bad environment variable (never a pydantic dump, never a secret's value)."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        info = WlSettings.model_fields.get(field) if exc.title == WlSettings.__name__ else None
+        prefix = "WL_" if exc.title == WlSettings.__name__ else "PG_WORKER_"  # `run` also reads pg-worker's settings
+        variable = field if field.isupper() else f"{prefix}{field.upper()}"
+        if info is not None and isinstance(info.validation_alias, str):
+            variable = info.validation_alias
+        value = error.get("input")
+        shown = f"={value}" if isinstance(value, str) and variable not in SECRET_VARIABLES and len(value) <= 80 else ""
+        message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(f"{variable}{shown}: {message}")
+    return "bad settings: " + "; ".join(problems)
