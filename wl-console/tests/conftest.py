@@ -6,6 +6,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from console_fixtures import console, console_db, console_pg
+from console_fixtures import cheap_argon2, console, console_db, console_pg
 
-__all__ = ["console", "console_db", "console_pg"]
+__all__ = ["cheap_argon2", "console", "console_db", "console_pg"]

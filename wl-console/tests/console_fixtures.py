@@ -51,6 +51,20 @@ async def prepare_database(url: str) -> None:
     await console_migrate(url)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cheap_argon2() -> Iterator[None]:
+    """argon2 at its RFC cost takes ~0.1-0.5 s per hash here: tests that log in dozens of times use cheap
+    parameters (the code path is the same; a test of accounts.py checks the production defaults)."""
+    from argon2 import PasswordHasher
+
+    from wl_console import accounts
+
+    default = accounts._hasher
+    accounts.use_hasher(PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+    yield
+    accounts.use_hasher(default)
+
+
 @pytest.fixture(scope="session")
 def console_pg() -> Iterator[ConsolePg]:
     base = Path(tempfile.mkdtemp(prefix="wl-console-pg-"))

@@ -126,7 +126,8 @@ async def seed(url: str, *, router: str = "r1", services: int = 3, port: int = 9
             service_id = f"c{i}" if router == "r1" else f"{router}-c{i}"
             await add_service(conn, service_id, router, "address-list", f"10.0.{i // 250}.{i % 250 + 1}")
             ids.append(service_id)
-        await conn.execute("UPDATE wl.customer_services SET applied_state = desired_state, applied_generation = 1, observed_state = desired_state")
+        await conn.execute("UPDATE wl.customer_services SET applied_state = desired_state, applied_generation = 1, observed_state = desired_state "
+                           "WHERE service_id = ANY(%s)", (ids,))
         if services >= 2:
             await conn.execute("UPDATE wl.customer_services SET desired_state = 'suspended', desired_generation = 2 WHERE service_id = %s", (ids[1],))
         if services >= 3:

@@ -61,7 +61,7 @@ def _declared(app: Any) -> dict[tuple[str, str], Permission | None]:
             continue
         permissions = [getattr(dep.call, "permission", None) for dep in route.dependant.dependencies]
         permissions = [p for p in permissions if p is not None]
-        for method in route.methods - {"HEAD"}:
+        for method in (route.methods or set()) - {"HEAD"}:
             assert len(permissions) <= 1, f"{method} {route.path} declares several permissions"
             found[(method, route.path)] = permissions[0] if permissions else None
     return found

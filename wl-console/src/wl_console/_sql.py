@@ -98,6 +98,8 @@ s.desired_reason, s.desired_source, s.desired_actor, s.desired_changed_at, {DIVE
 _CUSTOMER_FILTERS: dict[str, str] = {
     # q: a service id or target prefix (LIKE escapes applied by the caller), or a device name
     "q": "(s.service_id LIKE %(prefix)s OR s.target LIKE %(prefix)s OR d.name = %(q)s)",
+    # ip: a whole address finds that customer only (10.0.0.3 is not 10.0.0.30)
+    "ip": "(s.target = %(q)s OR s.service_id = %(q)s)",
     # net: addresses inside a prefix; the CASE keeps PPPoE user names away from the inet cast
     "net": "(CASE WHEN s.method = 'address-list' THEN s.target::inet <<= %(net)s::inet ELSE false END)",
     "device": "d.name = %(device)s",

@@ -79,6 +79,14 @@ class CustomerQuery:
         return {**{k: v for k, v in values.items() if v}, **flags}
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
@@ -101,6 +109,9 @@ async def search_customers(conn: AConn, query: CustomerQuery, limit: int) -> tup
             except ValueError:
                 raise InputError(f"{q!r} is not an IP prefix (like 10.20.5.0/24)") from None
             filters.add("net")
+        elif _is_ip(q):
+            params["q"] = str(ipaddress.ip_address(q))
+            filters.add("ip")
         else:
             params["q"], params["prefix"] = q, _escape_like(q) + "%"
             filters.add("q")

@@ -29,8 +29,21 @@ MAX_PASSWORD = 1024  # argon2 takes any length; a megabyte "password" would only
 AConn = psycopg.AsyncConnection[Any]
 
 _hasher = PasswordHasher()  # argon2id with the library's RFC 9106 defaults
-# Verified against when the user does not exist, so that the answer takes as long as for a real user.
-_DUMMY_HASH = _hasher.hash("no such user: a fixed password that nobody can log in with")
+_dummy: dict[str, str] = {}
+
+
+def use_hasher(hasher: PasswordHasher) -> None:
+    """Replace the hasher (tests use cheap parameters; the stored hashes name their own parameters)."""
+    global _hasher
+    _hasher = hasher
+    _dummy.clear()
+
+
+def _dummy_hash() -> str:
+    """Verified against when the user does not exist, so that the answer takes as long as for a real user."""
+    if "hash" not in _dummy:
+        _dummy["hash"] = _hasher.hash("no such user: a fixed password that nobody can log in with")
+    return _dummy["hash"]
 
 
 class AccountError(ValueError):
@@ -161,7 +174,7 @@ async def authenticate(conn: AConn, username: str, password: str, client: str, *
     ok = False
     user: User | None = None
     if len(password) <= MAX_PASSWORD:
-        stored = str(found[3]) if found is not None else _DUMMY_HASH
+        stored = str(found[3]) if found is not None else _dummy_hash()
         try:
             ok = _hasher.verify(stored, password) and found is not None and not found[4]
         except (VerificationError, InvalidHashError):
