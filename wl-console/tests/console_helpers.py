@@ -135,11 +135,22 @@ async def seed(url: str, *, router: str = "r1", services: int = 3, port: int = 9
     return ids
 
 
-async def add_dead_letter(url: str, message: dict[str, Any], *, queue: str = "device_actions", reason: str = "max_attempts") -> int:
+def dead_letter_body(message: dict[str, Any], *, queue: str = "device_actions", reason: str = "max_attempts") -> dict[str, Any]:
     """A dead letter shaped as pg-worker writes it (see pg_worker/_sql.py dead_letter)."""
-    body = {"queue": queue, "msg_id": 41, "message": message, "headers": None, "attempts": 12, "enqueued_at": "2026-11-30T10:00:00+00:00",
+    return {"queue": queue, "msg_id": 41, "message": message, "headers": None, "attempts": 12, "enqueued_at": "2026-11-30T10:00:00+00:00",
             "failed_at": "2026-11-30T10:30:00+00:00",
             "error": {"reason": reason, "type": "wl_workers.drivers.TransientDeviceError", "message": "connection refused", "traceback": "..."}}
+
+
+def add_dead_letter_sync(url: str, message: dict[str, Any], *, queue: str = "device_actions") -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT pgmq.send(%s, %s)", (f"{queue}_dlq", Jsonb(dead_letter_body(message, queue=queue)))).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def add_dead_letter(url: str, message: dict[str, Any], *, queue: str = "device_actions", reason: str = "max_attempts") -> int:
+    body = dead_letter_body(message, queue=queue, reason=reason)
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         cur = await conn.execute("SELECT pgmq.send(%s, %s)", (f"{queue}_dlq", Jsonb(body)))
         row = await cur.fetchone()
