@@ -104,6 +104,11 @@ async def _ensure_indexes(conn: psycopg.AsyncConnection[Any], report: MigrationR
             logger.warning("console_index_not_created", extra={"event": "console_index_not_created", "index": name, "table": table, "error": "not the table's owner"})
             report.indexes_skipped.append(f"{name} (not the owner of {table})")
             continue
+        except psycopg.errors.UndefinedColumn as exc:
+            # The owner's migration that adds the column has not run yet (an older version of that package).
+            logger.warning("console_index_not_created", extra={"event": "console_index_not_created", "index": name, "table": table, "error": str(exc).strip()})
+            report.indexes_skipped.append(f"{name} ({table} lacks the column yet: run wl-console migrate again after its owner's migrate)")
+            continue
         report.indexes.append(name)
 
 
