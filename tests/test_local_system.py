@@ -201,12 +201,13 @@ def dead_letters(database_url: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # three starts of the whole system (console included) on a loaded 2-core machine
 def test_dev_starts_the_whole_system_the_readme_commands_work_and_ctrl_c_stops_everything(dev_dir: Path) -> None:
     data_dir = dev_dir / "data"
     ports = {"ROUTER_PORT": free_port(), "WORKER_PORT": free_port(), "WEBHOOK_PORT": free_port(), "CONSOLE_PORT": free_port()}
     dev = Dev.start(data_dir, ports, "first")
-    console_login(dev, ports["CONSOLE_PORT"])
     commands = dev.banner_commands()
+    console_login(dev, ports["CONSOLE_PORT"])  # after reading the banner: the console logs the login below it
     readme = (REPO / "README.md").read_text()
     assert len(commands) == 3 and all(c in readme for c in commands), f"the README shows the banner's commands: {commands}"
     assert ". .data/dev.env" in readme

@@ -95,7 +95,9 @@ def create_app(settings: ConsoleSettings, *, conninfo: str | None = None, clock:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            url, min_size=settings.pool_min_size, max_size=settings.pool_max_size, kwargs={"autocommit": True},
+            # No server-side prepared statements: each search is planned with its own values, so a LIKE 'prefix%'
+            # can use the text_pattern_ops indexes (a generic plan cannot); it also suits PgBouncer.
+            url, min_size=settings.pool_min_size, max_size=settings.pool_max_size, kwargs={"autocommit": True, "prepare_threshold": None},
             check=AsyncConnectionPool.check_connection, timeout=settings.db_timeout_seconds, open=False, name="wl-console",
         )
         await pool.open(wait=False)
