@@ -197,3 +197,27 @@ async def test_forged_cookie_is_not_a_session(console: Harness) -> None:
     client = console.anonymous()
     client.cookies.set(SESSION_COOKIE, "made-up-token.made-up-signature")
     assert (await client.get("/customers")).status_code == 303
+
+
+async def test_expired_sessions_and_old_attempts_are_pruned_at_login(console: Harness) -> None:
+    await add_user_row(console.url, "ana", "viewer")
+    await console.client("viewer", "old")
+    await _login(console, "ana", "wrong password!!")
+    console.clock.advance(2 * 86400)
+    status, _, _ = await _login(console, "ana", PASSWORD)
+    assert status == 303
+    sessions = await fetch_all(console.url, "SELECT u.username FROM console.sessions s JOIN console.users u ON u.id = s.user_id")
+    assert sessions == [("ana",)]
+    assert await fetch_all(console.url, "SELECT ok FROM console.login_attempts") == [(True,)]
+
+
+async def test_a_schema_error_is_a_page_logged_and_counted(console: Harness) -> None:
+    await seed(console.url)
+    async with await psycopg.AsyncConnection.connect(console.url, autocommit=True) as conn:
+        await conn.execute("ALTER TABLE wl.customer_services DROP COLUMN observed_state")  # an older wl schema
+    client = await console.client("viewer")
+    response = await client.get("/customers")
+    assert response.status_code == 500
+    assert "UndefinedColumn" in response.text and response.headers["content-security-policy"] == CSP
+    metrics = (await client.get("/metrics")).text
+    assert 'wl_console_errors_total{error="UndefinedColumn"} 1.0' in metrics

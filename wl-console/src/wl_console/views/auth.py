@@ -9,7 +9,7 @@ from fastapi.responses import RedirectResponse, Response
 
 from ..accounts import LoginThrottled, audit, authenticate
 from ..permissions import Permission
-from ..sessions import PRE_SESSION_COOKIE, SESSION_COOKIE, create_session, end_session, new_token
+from ..sessions import PRE_SESSION_COOKIE, SESSION_COOKIE, create_session, end_session, new_token, prune
 from ..web import client_of, console_of, current_actor, field_of, redirect, render, require, safe_next
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ async def login(request: Request) -> Response:
             console.metrics.logins.labels("failed").inc()
             error, status = "Wrong user name or password.", 401
         if user is not None:
+            await prune(conn, console.now(), console.policy, console.throttle.window)  # a login is rare enough to tidy up on
             token = await create_session(conn, user.id, client, console.now())
             await audit(conn, user.username, "login", None, {"client": client})
     if user is None:
