@@ -186,6 +186,7 @@ def console_login(dev: Dev, port: int) -> None:
     form = urllib.parse.urlencode({"csrf_token": token.group(1), "username": "dev", "password": values["WL_CONSOLE_DEV_PASSWORD"]}).encode()
     with pytest.raises(urllib.error.HTTPError) as redirect:  # the 303, not followed
         opener.open(urllib.request.Request(f"{url}/login", data=form), timeout=10)
+    redirect.value.close()
     assert redirect.value.code == 303 and redirect.value.headers["location"] == "/customers", redirect.value.code
 
 
