@@ -193,7 +193,7 @@ async def test_queue_stats(console: Harness) -> None:
     page = (await client.get("/queues")).text
     row = re.search(r'<tr data-queue="device_actions">(.*?)</tr>', page, re.S)
     assert row is not None
-    cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td>(.*?)</td>", row.group(1), re.S)]
+    cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row.group(1), re.S)]
     assert cells[:6] == ["device_actions", "5", "2", "1", "1", "1"]
     assert cells[7] == "1"
 
