@@ -39,6 +39,7 @@ async def test_migrate_alone_is_idempotent_and_adds_indexes_once_their_tables_ex
     assert second.applied == [] and second.current == 1
     assert second.indexes == ["console_services_id_pattern_idx", "console_services_target_pattern_idx"]
     assert any("webhook.events lacks the column" in s for s in second.indexes_skipped)
+    assert "console_events_event_idx" not in second.indexes  # event_id is not there either in this made-up table
     indexes = await fetch_all(empty_db, "SELECT indexname FROM pg_indexes WHERE indexname LIKE 'console%%' ORDER BY 1")
     assert [i[0] for i in indexes] == ["console_services_id_pattern_idx", "console_services_target_pattern_idx"]
 

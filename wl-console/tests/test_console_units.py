@@ -19,6 +19,13 @@ from wl_console.web import BASE_CONTEXT, safe_next
 KEY = b"k" * 32
 
 
+def test_exported_members() -> None:
+    import wl_console
+
+    assert sorted(wl_console.__all__) == ["ConsoleSettings", "MigrationError", "Permission", "ROLE_PERMISSIONS", "create_app", "migrate"]
+    assert all(getattr(wl_console, name) is not None for name in wl_console.__all__)
+
+
 def test_signed_values_refuse_tampering_and_other_purposes() -> None:
     signer = Signer(KEY)
     signed = signer.sign("session", "token123")

@@ -36,6 +36,10 @@ SEARCH_INDEXES: tuple[tuple[str, str, str], ...] = (
      "CREATE INDEX IF NOT EXISTS console_services_target_pattern_idx ON wl.customer_services (target text_pattern_ops)"),
     ("console_events_service_idx", "webhook.events",
      "CREATE INDEX IF NOT EXISTS console_events_service_idx ON webhook.events (service_id, id DESC)"),
+    ("console_events_payment_idx", "webhook.events",
+     "CREATE INDEX IF NOT EXISTS console_events_payment_idx ON webhook.events (payment_id)"),
+    ("console_events_event_idx", "webhook.events",
+     "CREATE INDEX IF NOT EXISTS console_events_event_idx ON webhook.events (event_id)"),
 )
 
 READY = "SELECT 1 FROM console.schema_migrations LIMIT 1"
