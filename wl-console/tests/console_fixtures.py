@@ -46,8 +46,9 @@ async def prepare_database(url: str) -> None:
     await wl_migrate(url)
     await pg_worker.install(url, QUEUES)
     await webhook_migrate(url)
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        await conn.execute(CONTRACT_SCHEMA.read_text().encode())
+    if CONTRACT_SCHEMA.exists():  # removed at merge, once wl's and webhook's round-3 migrations create the same
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await conn.execute(CONTRACT_SCHEMA.read_text().encode())
     await console_migrate(url)
 
 
