@@ -20,6 +20,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -203,8 +204,9 @@ def test_operator_suspends_a_customer_and_the_router_changes(system: System, con
 
 
 def test_a_dead_letter_is_replayed(system: System, context: BrowserContext) -> None:
-    system.sim.add("ip/firewall/address-list", list="morosos", address="10.0.0.12")
-    dlq_id = add_dead_letter_sync(system.db, {"type": "service.activate", "service_id": "c2", "event_at": "2026-11-30T10:00:00+00:00", "reason": "payment"})
+    # a suspension that died (say the router was down for half an hour): replayed, the worker applies it now
+    now = datetime.now(UTC).isoformat()
+    dlq_id = add_dead_letter_sync(system.db, {"type": "service.deactivate", "service_id": "c2", "event_at": now, "reason": "unpaid"})
     page = context.new_page()
     log_in(page, system.base, "operator")
     page.wait_for_url(f"{system.base}/customers")
@@ -214,7 +216,7 @@ def test_a_dead_letter_is_replayed(system: System, context: BrowserContext) -> N
     page.get_by_role("button", name="Replay selected").click()
     assert "Replayed 1 dead letter" in page.get_by_role("status").inner_text()
     assert page.locator(f'tr[data-dlq-id="{dlq_id}"]').count() == 0
-    wait_for(lambda: not system.sim.is_suspended_address("10.0.0.12"), "the replayed activation to reach the router")
+    wait_for(lambda: system.sim.is_suspended_address("10.0.0.12"), "the replayed suspension to reach the router")
 
 
 def test_a_post_without_the_csrf_token_is_refused(system: System, context: BrowserContext) -> None:
