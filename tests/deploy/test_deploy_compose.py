@@ -16,7 +16,7 @@ from tests.deploy.compose import ROOT, example_project, flattened, load
 from tests.tools import require_tools
 
 WG_EXAMPLE = ROOT / "deploy" / "wireguard" / "wg0.conf.example"
-LONG_RUNNING = ("postgres", "vpn-netns", "wireguard", "wl-workers", "payment-webhook", "wl-console", "prometheus", "grafana")
+LONG_RUNNING = ("postgres", "vpn-netns", "wireguard", "wl-workers", "payment-webhook", "prometheus", "grafana")
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +85,6 @@ def test_payment_webhook_stays_off_the_vpn(services: dict[str, Any]) -> None:
     assert webhook["ports"] and webhook["healthcheck"]
 
 
-def test_console_stays_off_the_vpn_and_starts_after_its_migration(services: dict[str, Any]) -> None:
-    console = services["wl-console"]
-    assert "network_mode" not in console and "networks" not in console  # never in the VPN namespace
-    assert console["ports"] and "/readyz" in " ".join(console["healthcheck"]["test"])
-    assert console["depends_on"]["migrate-console"]["condition"] == "service_completed_successfully"
-    assert services["migrate-console"]["command"] == ["migrate"] and services["migrate-console"]["restart"] == "no"
-    # its search indexes go on wl's tables: after wl-workers' migrations
-    assert services["migrate-console"]["depends_on"]["migrate-webhook"]["condition"] == "service_completed_successfully"
-
-
 def test_prometheus_scrapes_the_workers_through_the_namespace_owner() -> None:
     scrape = yaml.safe_load((ROOT / "deploy" / "observability" / "prometheus.yml").read_text())
     assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["vpn-netns:9480"]
@@ -146,10 +136,10 @@ def test_wireguard_example_routes_only_device_subnets_and_holds_no_key() -> None
 def test_secrets_come_from_uncommitted_files() -> None:
     ignored = subprocess.run(
         ["git", "check-ignore", ".env", "deploy/env/postgres.env", "deploy/env/wl-workers.env",
-         "deploy/env/payment-webhook.env", "deploy/env/wl-console.env", "deploy/wireguard/wg0.conf"],
+         "deploy/env/payment-webhook.env", "deploy/wireguard/wg0.conf"],
         cwd=ROOT, capture_output=True, text=True, check=False,
     ).stdout.split()  # fmt: skip
-    assert len(ignored) == 6, ignored
+    assert len(ignored) == 5, ignored
     model = load()
     assert model["secrets"]["wireguard-config"]["file"].startswith("${WIREGUARD_CONFIG:?")
     for name, service in model["services"].items():
