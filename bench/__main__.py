@@ -17,16 +17,7 @@ Benchmark = Callable[..., list[Row]]
 
 
 def _registry() -> dict[str, Benchmark]:
-    from . import (
-        bench_console,
-        bench_drain,
-        bench_idle,
-        bench_latency,
-        bench_peers,
-        bench_producers,
-        bench_scale,
-        bench_webhook,
-    )
+    from . import bench_drain, bench_idle, bench_latency, bench_peers, bench_producers, bench_scale, bench_webhook
 
     return {
         "drain": bench_drain.run,
@@ -36,7 +27,6 @@ def _registry() -> dict[str, Benchmark]:
         "peers": bench_peers.run,
         "idle": bench_idle.run,
         "webhook": bench_webhook.run,
-        "console": bench_console.run,
     }
 
 

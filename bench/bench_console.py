@@ -158,7 +158,8 @@ def run(pg: Server, *, quick: bool = False, repeat: int = 3) -> list[Row]:
 
 
 def main() -> None:
-    """``python -m bench.bench_console``: this benchmark alone, on DATABASE_URL or an embedded server."""
+    """``python -m bench.bench_console``: this benchmark alone, on DATABASE_URL or an embedded server. (``run`` has
+    the signature of the suite's benchmarks, to be listed in ``bench/__main__.py`` beside the others.)"""
     from .__main__ import print_table
     from .common import server
 
