@@ -18,6 +18,7 @@ Benchmark = Callable[..., list[Row]]
 
 def _registry() -> dict[str, Benchmark]:
     from . import (
+        bench_console,
         bench_drain,
         bench_idle,
         bench_latency,
@@ -37,6 +38,7 @@ def _registry() -> dict[str, Benchmark]:
         "idle": bench_idle.run,
         "webhook": bench_webhook.run,
         "wl": bench_wl.run,
+        "console": bench_console.run,
     }
 
 

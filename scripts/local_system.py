@@ -3,8 +3,8 @@
 In order: an embedded PostgreSQL 18 (held by this process, kept in ``$DEV_DATA_DIR/postgres``; or ``DATABASE_URL``
 when asked for explicitly with ``DEV_USE_DATABASE_URL=1``, since a dev worker takes any job it finds there),
 the migrations (``pg-worker install``, ``wl-workers migrate``, ``payment-webhook migrate``), a RouterOS simulator
-seeded with the demo customers and the matching rows (``wl-workers demo-seed``), a ``wl-workers run`` worker and
-``payment-webhook serve``. Each part must be ready before the next starts; then a banner says how to use it.
+seeded with the demo customers and the matching rows (``wl-workers demo-seed``), a ``wl-workers run`` worker,
+``payment-webhook serve`` and the console (``wl-console migrate``, a development admin, ``wl-console serve``). Each part must be ready before the next starts; then a banner says how to use it.
 
 Every child runs in a process group of its own, so Ctrl-C in the terminal reaches only this supervisor, which stops
 the children in reverse order (SIGTERM, then SIGKILL after ``DEV_STOP_TIMEOUT`` seconds; a second Ctrl-C forces it)
@@ -60,6 +60,7 @@ class Config:
     router_port: int
     worker_port: int
     webhook_port: int
+    console_port: int
     stop_timeout: float
     database_url: str | None
     use_database_url: bool = False
@@ -72,6 +73,7 @@ class Config:
             router_port=int(env.get("DEV_ROUTER_PORT") or 9728),
             worker_port=int(env.get("DEV_WORKER_PORT") or 9481),  # pg-worker's default 9480 stays free for a worker by hand
             webhook_port=int(env.get("DEV_WEBHOOK_PORT") or 8080),
+            console_port=int(env.get("DEV_CONSOLE_PORT") or 8090),
             stop_timeout=float(env.get("DEV_STOP_TIMEOUT") or 30),
             database_url=env.get("DATABASE_URL", "").strip() or None,
             use_database_url=env.get("DEV_USE_DATABASE_URL", "").strip().lower() in ("1", "true", "yes") or "--use-database-url" in sys.argv[1:],
@@ -225,6 +227,7 @@ def write_env_file(config: Config, database_url: str) -> dict[str, str]:
         "WL_SIM_PASSWORD": old.get("WL_SIM_PASSWORD") or secrets.token_urlsafe(16),
         "WEBHOOK_URL": config.webhook_url,
         "WL_ROUTER_URL": config.router_url,
+        **console_env_values(config, old),
     }
     lines = ["# written by ./scripts/dev for this machine only (secrets: never commit); use: . .data/dev.env"]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in values.items()]
@@ -248,7 +251,8 @@ def child_env(values: dict[str, str]) -> dict[str, str]:
 
 def check_ports_free(config: Config) -> None:
     """Fail at once, naming the variable to change, rather than after the migrations with a part's bind error."""
-    for variable, port in (("DEV_ROUTER_PORT", config.router_port), ("DEV_WORKER_PORT", config.worker_port), ("DEV_WEBHOOK_PORT", config.webhook_port)):
+    for variable, port in (("DEV_ROUTER_PORT", config.router_port), ("DEV_WORKER_PORT", config.worker_port), ("DEV_WEBHOOK_PORT", config.webhook_port),
+                           ("DEV_CONSOLE_PORT", config.console_port)):
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no obstacle
             try:
@@ -326,6 +330,40 @@ def start_system(sup: Supervisor, database_url: str) -> None:
     sup.wait_until(lambda: http_ok(f"http://127.0.0.1:{config.worker_port}/readyz"), "the worker", worker)
     webhook = sup.spawn("webhook (payment-webhook serve)", ["payment-webhook", "serve", "--port", str(config.webhook_port)], env)
     sup.wait_until(lambda: http_ok(f"{config.webhook_url}/readyz"), "the webhook", webhook)
+    start_console(sup, env, config)
+
+
+# -- the console (wl-console): its own block, so that edits elsewhere in this file stay apart ------------------
+
+CONSOLE_DEV_USER = "dev"  # an admin account for development only; its password is generated into dev.env
+
+
+def console_env_values(config: Config, old: dict[str, str]) -> dict[str, str]:
+    return {
+        "WL_CONSOLE_SECRET_KEY": old.get("WL_CONSOLE_SECRET_KEY") or secrets.token_urlsafe(48),
+        "WL_CONSOLE_DEV_PASSWORD": old.get("WL_CONSOLE_DEV_PASSWORD") or secrets.token_urlsafe(12),
+        "WL_CONSOLE_URL": f"http://127.0.0.1:{config.console_port}",
+    }
+
+
+def start_console(sup: Supervisor, env: dict[str, str], config: Config) -> None:
+    """``wl-console migrate``, the development admin (created, or its password reset to dev.env's), then serve
+    on plain http at 127.0.0.1 (so without the Secure cookie flag: development only)."""
+    sup.run_step("wl-console migrate", ["wl-console", "migrate"], env)
+    password = env["WL_CONSOLE_DEV_PASSWORD"] + "\n"
+    for action in (["passwd", CONSOLE_DEV_USER], ["add", CONSOLE_DEV_USER, "--role", "admin"]):
+        done = subprocess.run(["wl-console", "user", *action, "--password-stdin"], env=env, input=password.encode(), capture_output=True, timeout=60)
+        if done.returncode == 0:
+            break
+    else:
+        raise ChildFailed(f"wl-console user add {CONSOLE_DEV_USER} failed: {done.stderr.decode(errors='replace').strip()}")
+    console_env = {**env, "WL_CONSOLE_COOKIE_SECURE": "false"}
+    console = sup.spawn("console (wl-console serve)", ["wl-console", "serve", "--port", str(config.console_port)], console_env)
+    sup.wait_until(lambda: http_ok(f"{env['WL_CONSOLE_URL']}/readyz"), "the console", console)
+
+
+def console_banner(config: Config, env_file: str) -> list[str]:
+    return [f"  console   http://127.0.0.1:{config.console_port}/  (user {CONSOLE_DEV_USER}, password: WL_CONSOLE_DEV_PASSWORD in {env_file})"]
 
 
 def banner(config: Config, database_url: str) -> str:
@@ -339,6 +377,7 @@ def banner(config: Config, database_url: str) -> str:
         f"  router    {config.router_url}/rest/ip/firewall/address-list  (RouterOS simulator; user admin, password in {env_file})",
         f"  worker    http://127.0.0.1:{config.worker_port}/readyz  /metrics",
         f"  webhook   {config.webhook_url}/webhooks/standard  /readyz  /metrics",
+        *console_banner(config, env_file),
         "try it in another terminal:",
         f"  . {env_file}",
         f"  wl-workers deactivate {DEMO_SERVICE}; sleep 1; wl-workers service show {DEMO_SERVICE}    # device: suspended",

@@ -17,6 +17,8 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from base64 import b64encode
 from collections.abc import Callable, Iterator
@@ -171,6 +173,28 @@ def try_it(dev: Dev, command: str, address: str, *, suspended: bool) -> None:
     assert f"device    {'suspended' if suspended else 'active'} ({address} is" in dev.shell(show)
 
 
+def console_login(dev: Dev, port: int) -> None:
+    """The banner names the console and its development login, and that login works (form, CSRF token, cookie)."""
+    url = f"http://127.0.0.1:{port}"
+    values = dev.env_values()
+    assert f"console   {url}/  (user dev, password: WL_CONSOLE_DEV_PASSWORD in" in dev.output()
+    assert values["WL_CONSOLE_DEV_PASSWORD"] not in dev.output()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(), _NoRedirect())
+    with opener.open(f"{url}/login", timeout=5) as page:
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page.read().decode())
+    assert token is not None
+    form = urllib.parse.urlencode({"csrf_token": token.group(1), "username": "dev", "password": values["WL_CONSOLE_DEV_PASSWORD"]}).encode()
+    with pytest.raises(urllib.error.HTTPError) as redirect:  # the 303, not followed
+        opener.open(urllib.request.Request(f"{url}/login", data=form), timeout=10)
+    redirect.value.close()
+    assert redirect.value.code == 303 and redirect.value.headers["location"] == "/customers", redirect.value.code
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
 def dead_letters(database_url: str) -> int:
     with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
         row = conn.execute("SELECT (SELECT count(*) FROM pgmq.q_device_actions_dlq) + (SELECT count(*) FROM pgmq.q_payment_sync_dlq)").fetchone()
@@ -178,11 +202,13 @@ def dead_letters(database_url: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # three starts of the whole system (console included) on a loaded 2-core machine
 def test_dev_starts_the_whole_system_the_readme_commands_work_and_ctrl_c_stops_everything(dev_dir: Path) -> None:
     data_dir = dev_dir / "data"
-    ports = {"ROUTER_PORT": free_port(), "WORKER_PORT": free_port(), "WEBHOOK_PORT": free_port()}
+    ports = {"ROUTER_PORT": free_port(), "WORKER_PORT": free_port(), "WEBHOOK_PORT": free_port(), "CONSOLE_PORT": free_port()}
     dev = Dev.start(data_dir, ports, "first")
     commands = dev.banner_commands()
+    console_login(dev, ports["CONSOLE_PORT"])  # after reading the banner: the console logs the login below it
     readme = (REPO / "README.md").read_text()
     assert len(commands) == 3 and all(c in readme for c in commands), f"the README shows the banner's commands: {commands}"
     assert ". .data/dev.env" in readme
@@ -231,7 +257,7 @@ def test_dev_refuses_a_busy_port_at_once_naming_the_variable(dev_dir: Path) -> N
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        ports = {"ROUTER_PORT": free_port(), "WORKER_PORT": free_port(), "WEBHOOK_PORT": busy.getsockname()[1]}
+        ports = {"ROUTER_PORT": free_port(), "WORKER_PORT": free_port(), "WEBHOOK_PORT": busy.getsockname()[1], "CONSOLE_PORT": free_port()}
         env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("DEV_")}
         env.update({f"DEV_{k}": str(v) for k, v in ports.items()}, DEV_DATA_DIR=str(dev_dir / "data"))
         result = subprocess.run([str(REPO / "scripts" / "dev")], env=env, capture_output=True, text=True, timeout=60)
@@ -243,9 +269,9 @@ def test_dev_refuses_a_busy_port_at_once_naming_the_variable(dev_dir: Path) -> N
 @pytest.mark.slow
 def test_a_killed_dev_takes_its_parts_with_it(dev_dir: Path) -> None:
     data_dir = dev_dir / "data"
-    dev = Dev.start(data_dir, {"ROUTER_PORT": free_port(), "WORKER_PORT": free_port(), "WEBHOOK_PORT": free_port()}, "killed")
+    dev = Dev.start(data_dir, {"ROUTER_PORT": free_port(), "WORKER_PORT": free_port(), "WEBHOOK_PORT": free_port(), "CONSOLE_PORT": free_port()}, "killed")
     family = dev.family()
-    assert len(family) == 3, [p.cmdline() for p in family]
+    assert len(family) == 4, [p.cmdline() for p in family]
     dev.proc.kill()  # no handler runs: the kernel tells the parts (PR_SET_PDEATHSIG)
     dev.proc.wait(30)
     _, alive = psutil.wait_procs(family, timeout=30)
@@ -253,7 +279,7 @@ def test_a_killed_dev_takes_its_parts_with_it(dev_dir: Path) -> None:
     # The server outlives a SIGKILL (nobody could stop it); the next start takes it over and stops it.
     server = postmaster(data_dir / "postgres")
     assert server is not None
-    again = Dev.start(data_dir, {"ROUTER_PORT": free_port(), "WORKER_PORT": free_port(), "WEBHOOK_PORT": free_port()}, "after-kill")
+    again = Dev.start(data_dir, {"ROUTER_PORT": free_port(), "WORKER_PORT": free_port(), "WEBHOOK_PORT": free_port(), "CONSOLE_PORT": free_port()}, "after-kill")
     again.stop_and_check(signal.SIGINT, group=True, status=0)
     server.wait(30)
 

@@ -32,6 +32,7 @@ IMAGES = [
     Image("pg-worker", "widelink-pg-worker", "pg-worker"),
     Image("wl-workers", "widelink-wl-workers", "wl-workers", local=("pg-worker",)),
     Image("payment-webhook", "widelink-payment-webhook", "payment-webhook", local=("pg-worker",)),
+    Image("wl-console", "widelink-wl-console", "wl-console", local=("pg-worker",)),
 ]
 
 
