@@ -12,7 +12,9 @@ What each role may do (CONTRACT.md, docs/operations.md "Database roles"):
 - wl_worker: what ``pg-worker install --grant`` gives on its queues, plus reading and writing the ``wl`` schema.
 - wl_webhook: its own ``webhook`` schema, sending to the queues it enqueues into (insert, and reading back the new
   message's id), and ``wl.service_exists()``; nothing else of ``wl`` (not the devices' rows).
-- wl_console: its ``console`` schema, reading ``wl``, sending to ``device_actions``.
+- wl_console: its ``console`` schema, reading ``wl`` and ``webhook`` (customers, routers, payments), appending to
+  ``wl.service_history`` (the operator's actions), sending to both queues, reading their messages (queue pages) and
+  reading and deleting their dead letters (replay, purge); never consuming a job, never writing desired state.
 Only the standard library, psycopg and pg_worker: it runs in the images of wl-workers and payment-webhook alike.
 """
 
@@ -38,6 +40,8 @@ class Role:
     own_schemas: tuple[str, ...] = ()  # read and write every table
     read_schemas: tuple[str, ...] = ()  # read every table
     functions: tuple[str, ...] = ()  # EXECUTE, when the function exists
+    append_tables: tuple[str, ...] = ()  # INSERT only (an append-only history), when the table exists
+    inspect_queues: tuple[str, ...] = ()  # read the queue's messages; read and delete its dead letters
 
 
 ROLES = {
@@ -45,7 +49,10 @@ ROLES = {
     "webhook": Role(
         "wl_webhook", send_queues=("device_actions", "payment_sync"), own_schemas=("webhook",), functions=("wl.service_exists(text)",)
     ),
-    "console": Role("wl_console", send_queues=("device_actions",), own_schemas=("console",), read_schemas=("wl",)),
+    "console": Role(
+        "wl_console", send_queues=("device_actions", "payment_sync"), own_schemas=("console",), read_schemas=("wl", "webhook"),
+        append_tables=("wl.service_history",), inspect_queues=("device_actions", "payment_sync"),
+    ),
 }
 
 
@@ -105,6 +112,23 @@ async def _apply(conn: psycopg.AsyncConnection[tuple[object, ...]], role: Role, 
         await conn.execute(sql.SQL("GRANT USAGE ON SEQUENCE pgmq.{} TO {}").format(sql.Identifier(f"q_{queue}_msg_id_seq"), ident))
         await conn.execute(sql.SQL("GRANT SELECT ON pgmq.meta TO {}").format(ident))
         done.append(f"send to {queue}")
+    for qualified in role.append_tables:
+        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (qualified,))
+        row = await cur.fetchone()
+        if row and row[0]:
+            schema, name = qualified.split(".", 1)
+            await conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), ident))
+            await conn.execute(sql.SQL("GRANT INSERT ON {}.{} TO {}").format(sql.Identifier(schema), sql.Identifier(name), ident))
+            done.append(f"append to {qualified}")
+    for queue in role.inspect_queues:
+        await conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgmq TO {}").format(ident))
+        await conn.execute(sql.SQL("GRANT SELECT ON pgmq.{} TO {}").format(sql.Identifier("q_" + queue), ident))
+        dlq = sql.Identifier(f"q_{pg_worker.dlq_name(queue)}")
+        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"pgmq.q_{pg_worker.dlq_name(queue)}",))
+        row = await cur.fetchone()
+        if row and row[0]:
+            await conn.execute(sql.SQL("GRANT SELECT, DELETE ON pgmq.{} TO {}").format(dlq, ident))
+        done.append(f"inspect {queue} and its dead letters")
     for function in role.functions:
         cur = await conn.execute("SELECT to_regprocedure(%s) IS NOT NULL", (function,))
         row = await cur.fetchone()

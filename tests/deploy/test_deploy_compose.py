@@ -17,7 +17,7 @@ from tests.tools import require_tools
 
 WG_EXAMPLE = ROOT / "deploy" / "wireguard" / "wg0.conf.example"
 LONG_RUNNING = ("postgres", "vpn-netns", "wireguard", "wl-workers", "payment-webhook", "prometheus", "alertmanager", "grafana")
-ROLE_SECRETS = ("wl_migrate", "wl_worker", "wl_webhook")
+ROLE_SECRETS = ("wl_migrate", "wl_worker", "wl_webhook", "wl_console")
 
 
 @pytest.fixture(scope="module")
@@ -215,11 +215,12 @@ def _refers_to_webhook(service: dict[str, Any]) -> list[str]:
 
 def test_the_workers_do_not_depend_on_the_webhook_in_any_way(tmp_path: Path) -> None:
     """issue 14 item 6: the project without payment-webhook's services, image (Dockerfile, package), env file and
-    role password is a valid compose project, and nothing the workers need refers to the webhook."""
+    role password is a valid compose project, and nothing the workers need refers to the webhook. The console goes
+    with it (it shows the webhook's payments, so its migrate step waits for the webhook's)."""
     require_tools("docker-compose")
     project = example_project(tmp_path)
     model = load(project / "docker-compose.yml")
-    for name in ("payment-webhook", "migrate-webhook"):
+    for name in ("payment-webhook", "migrate-webhook", "wl-console", "migrate-console"):
         del model["services"][name]
     del model["secrets"]["wl_webhook"]
     (project / "docker-compose.yml").write_text(yaml.safe_dump(model))

@@ -73,7 +73,7 @@ def server(secrets: Path) -> Iterator[Server]:
     with s.connect(database="postgres") as conn:
         conn.execute(f"CREATE DATABASE {DB}")
     env = {"DATABASE_URL": s.url(), "ROLE_SECRETS_DIR": str(secrets)}
-    for cmd in (["pg-worker", "install"], ["wl-workers", "migrate"], ["payment-webhook", "migrate"]):
+    for cmd in (["pg-worker", "install"], ["wl-workers", "migrate"], ["payment-webhook", "migrate"], ["wl-console", "migrate"]):
         result = _run(str(BIN / cmd[0]), *cmd[1:], env=env)
         assert result.returncode == 0, result.stderr
     result = _run(sys.executable, str(ROLES), "worker", "webhook", "console", env=env)
@@ -138,13 +138,25 @@ def test_the_webhook_role_stores_events_and_sends_jobs_but_cannot_read_devices(s
         assert _denied(conn, "DELETE FROM pgmq.q_payment_sync")
 
 
-def test_the_console_role_reads_wl_and_sends_device_actions_only(server: Server) -> None:
+def test_the_console_role_reads_and_enqueues_but_never_consumes_or_writes_desired_state(server: Server) -> None:
+    with server.connect() as conn:  # a dead letter, as a worker leaves it
+        sent = conn.execute("SELECT pgmq.send('device_actions_dlq', '{\"type\": \"service.activate\"}'::jsonb)").fetchone()
+        assert sent is not None
+        dead = sent[0]
     with server.connect("wl_console") as conn:
         conn.execute(READ_DEVICES)
-        Producer().enqueue("device_actions", {"type": "service.refresh", "service_id": "s1"}, conn=conn)
+        conn.execute(READ_EVENTS)  # the payments page
+        with conn.transaction():  # what the console does: the operator's history row and the job in one transaction
+            conn.execute("INSERT INTO wl.service_history (service_id, kind, source, actor, reason) VALUES ('s1', 'operator', 'console', 'ana', 'r')")
+            Producer().enqueue("device_actions", {"type": "service.refresh", "service_id": "s1"}, conn=conn)
+        conn.execute("SELECT count(*) FROM pgmq.q_device_actions")  # the queue page
+        conn.execute("SELECT message FROM pgmq.q_device_actions_dlq WHERE msg_id = %s", (dead,))
+        assert conn.execute("DELETE FROM pgmq.q_device_actions_dlq WHERE msg_id = %s", (dead,)).rowcount == 1  # replay, purge
         assert _denied(conn, WRITE_SERVICES), "the console wrote desired state directly"
-        assert _denied(conn, READ_EVENTS) and _denied(conn, READ_JOBS)
-        assert _denied(conn, "SELECT pgmq.send('payment_sync', '{}'::jsonb)")
+        assert _denied(conn, READ_JOBS), "the console consumed a job"
+        assert _denied(conn, "UPDATE wl.service_history SET reason = 'x'") and _denied(conn, "DELETE FROM wl.service_history")
+        assert _denied(conn, "UPDATE wl.devices SET host = 'x'") and _denied(conn, "DELETE FROM webhook.events")
+        assert _denied(conn, DROP)
 
 
 def test_roles_refuse_a_missing_or_short_password_file(server: Server, tmp_path: Path) -> None:

@@ -85,6 +85,8 @@ async def _seed(db: str, sim: RouterSimulator) -> None:
         await add_device(conn, name="r1", host="127.0.0.1", port=sim.port, scheme="http", username=sim.username, password_ref="env:WL_BROWSER_ROUTER_PASSWORD")
         await add_service(conn, "c1", "r1", "address-list", "10.0.0.11")
         await add_service(conn, "c2", "r1", "address-list", "10.0.0.12")
+        # a service id from before wl's migration 0005 (its id pattern is NOT VALID: older rows stay as they were)
+        await conn.execute("ALTER TABLE wl.customer_services DROP CONSTRAINT IF EXISTS customer_services_service_id_pattern")
         await conn.execute("INSERT INTO wl.customer_services (service_id, device_id, method, target) SELECT %s, id, 'pppoe', 'user-x' FROM wl.devices",
                            (XSS_ID,))
         await conn.execute("UPDATE wl.customer_services SET applied_state = 'active', applied_generation = 1, observed_state = 'active'")

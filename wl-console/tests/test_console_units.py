@@ -74,6 +74,8 @@ def test_settings_key_rules_never_echo_the_key() -> None:
         ConsoleSettings(secret_key=SecretStr("short-secret")).signing_key()
     assert "short-secret" not in str(raised.value)
     assert "short-secret" not in repr(ConsoleSettings(secret_key=SecretStr("short-secret")))
+    with pytest.raises(ValueError, match="placeholder"):  # the old example file's value: public, so refused
+        ConsoleSettings(secret_key=SecretStr("change-me-change-me-change-me-change-me")).signing_key()
 
 
 def _base(**extra: Any) -> dict[str, Any]:

@@ -62,6 +62,8 @@ class ConsoleSettings(BaseSettings):
                 raise ValueError(f"cannot read WL_CONSOLE_SECRET_KEY_FILE {str(self.secret_key_file)!r}: {exc.strerror}") from None
         if not value:
             raise ValueError("no session key: set WL_CONSOLE_SECRET_KEY (or WL_CONSOLE_SECRET_KEY_FILE) to 32+ random characters")
+        if "change-me" in value.lower():  # the example file's placeholder: public, so anyone could sign a session
+            raise ValueError("the session key is the example's placeholder: set WL_CONSOLE_SECRET_KEY to 32+ random characters")
         if len(value) < MIN_SECRET_KEY:
             raise ValueError(f"the session key must be at least {MIN_SECRET_KEY} characters long (it is {len(value)})")
         return value.encode()
