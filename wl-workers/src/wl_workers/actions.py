@@ -198,7 +198,8 @@ class DeviceActions:
         ACTIONS.labels(device.name, ctx["action"], "busy").inc()
         logger.info("device_busy", extra={"event": "device_busy", **ctx, "waiting": ahead})
         # woken when its turn comes; this retry only covers a wake that got lost (a slot-holder that died)
-        delay = min(self.settings.park_delay, self.settings.busy_retry_delay + 0.1 * ahead) * (0.75 + random.random() / 2)
+        # (generous: a second per action per slot; a parked job that comes back before its turn only parks again)
+        delay = min(self.settings.park_delay, self.settings.busy_retry_delay + ahead / device.max_concurrent) * (0.75 + random.random() / 2)
         raise defer(delay, f"all {device.max_concurrent} slots of device {device.name} are busy ({ahead} waiting)")
 
     async def _release(self, conn: psycopg.AsyncConnection[Any], locks: SessionLocks) -> None:

@@ -39,6 +39,7 @@ from ._store import (
 )
 from .actions import ACTIVATE, DEACTIVATE, action_message
 from .drivers import DeviceError, Timeouts, make_driver
+from .locks import SessionLocks
 from .netcheck import DeviceNetworkLost
 from .reconcile import reconcile
 from .runner import serve, worker_settings
@@ -156,18 +157,23 @@ async def _device_cmd(conn: psycopg.AsyncConnection[Any], args: argparse.Namespa
 
 
 async def _device_now(conn: psycopg.AsyncConnection[Any], device_name: str, method: Any, target: str) -> str:
+    """What the router says now, read within one of the device's slots (the per-device limit covers reads)."""
     device = await get_device(conn, device_name)
     settings = WlSettings()
     try:
         driver = make_driver(device, resolve_password(device.password_ref), Timeouts(settings.http_connect_timeout, settings.http_read_timeout))
     except (SecretUnavailable, DeviceError) as exc:
         return f"unknown ({exc})"
+    locks = SessionLocks(conn)
     try:
+        if not await locks.wait_for_device_slot(device, settings.device_wait) and not await locks.try_device_slot(device):
+            return f"unknown (all {device.max_concurrent} slots of {device.name} busy; try again)"
         state = await driver.read_state(method, target)
         return f"{state.state} ({state.detail})"
     except DeviceError as exc:
         return f"unknown ({exc.kind}: {exc.reason})"
     finally:
+        await locks.release()
         await driver.aclose()
 
 
