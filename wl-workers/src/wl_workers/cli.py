@@ -199,7 +199,7 @@ async def _service_cmd(conn: psycopg.AsyncConnection[Any], args: argparse.Namesp
 async def _enqueue_cmd(conn: psycopg.AsyncConnection[Any], args: argparse.Namespace) -> int:
     await get_service(conn, args.service_id)  # refuse an unknown service here rather than dead-letter it later
     action = ACTIVATE if args.command == "activate" else DEACTIVATE
-    message = action_message(action, args.service_id, datetime.now(UTC), args.reason)
+    message = action_message(action, args.service_id, datetime.now(UTC), args.reason, source="operator", actor=os.environ.get("USER") or None)
     msg_id = await AsyncProducer().enqueue(DEVICE_ACTIONS, message, conn=conn)
     print(f"enqueued {action} for {args.service_id} (msg_id {msg_id})")
     return EXIT_OK
