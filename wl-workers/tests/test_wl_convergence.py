@@ -64,7 +64,7 @@ async def test_lock_lost_mid_put_converges_to_the_newest_state(wl_db: str, sim: 
     sim.faults.method_delay["PUT"] = 1.5
     await enqueue(wl_db, DEACTIVATE, "e1", at(0), "unpaid")
     async with running_worker(wl_db, fast_settings()):
-        await wait_until(lambda: sim._in_flight > 0 and not any(r.method == "PUT" for r in sim.requests), what="A's PUT in flight")
+        await wait_until(lambda: sim.in_flight_by_method.get("PUT", 0) > 0, what="A's PUT in flight")
         async with await psycopg.AsyncConnection.connect(wl_db, autocommit=True) as admin:
             cur = await admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name LIKE 'wl-workers job %%'")
             row = await cur.fetchone()

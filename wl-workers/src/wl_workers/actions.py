@@ -30,7 +30,7 @@ import logging
 import random
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import psycopg
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -178,6 +178,8 @@ class DeviceActions:
             await self._take_slot(conn, locks, device, job, ctx)
             await self._rounds(conn, locks, job, device, service, ctx, origin, probing)
         except (LockLost, psycopg.OperationalError) as exc:
+            if not locks.held and not isinstance(exc, LockLost):
+                raise  # the connection died before this job held anything: an ordinary failure, retried
             await self._lock_lost(exc, ctx, origin)
             raise defer(min(self._busy_delay(), 1.0), f"locks lost: {exc}") from exc
         finally:
@@ -240,7 +242,6 @@ class DeviceActions:
                 writes = await self._drive(device, service, desired, locks.check)
             except DeviceError as exc:
                 await self._failed(conn, job, device, service, desired, exc, time.monotonic() - started, ctx, origin, probing)
-                raise AssertionError("unreachable") from exc  # _failed always raises
             duration = time.monotonic() - started
             LATENCY.labels(device.name).observe(duration)
             verified_at = datetime.now(UTC)
@@ -279,7 +280,7 @@ class DeviceActions:
     async def _failed(
         self, conn: psycopg.AsyncConnection[Any], job: Job[Any], device: Device, service: Service, desired: State, exc: DeviceError,
         duration: float, ctx: dict[str, Any], origin: dict[str, Any], probing: bool,
-    ) -> None:  # fmt: skip
+    ) -> NoReturn:  # fmt: skip
         """Record and count a device error, then raise what pg-worker should do with the job."""
         LATENCY.labels(device.name).observe(duration)
         FAILURES.labels(device.name, exc.kind).inc()
