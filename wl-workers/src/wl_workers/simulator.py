@@ -271,7 +271,7 @@ class RouterSimulator:
                 if desired == "active":
                     self.add("ppp/active", name=target, address=f"10.30.0.{number + 1}", caller_id=f"AA:BB:CC:00:00:{number:02X}")
             elif desired == "suspended":
-                self.add("ip/firewall/address-list", list="morosos", address=target, comment="suspended")
+                self.add("ip/firewall/address-list", list="morosos", address=target, comment="wl-workers: suspended")  # as if this system had suspended it
 
     # -- request handling (called from the server's threads) -------------------------------------------------
 
