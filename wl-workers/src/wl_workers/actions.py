@@ -26,6 +26,7 @@ device wakes every parked job at once (``pgmq.set_vt(..., 0)`` and a NOTIFY to t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -118,6 +119,7 @@ class DeviceActions:
         self.conninfo = conninfo
         self.settings = settings
         self.timeouts = Timeouts(connect=settings.http_connect_timeout, read=settings.http_read_timeout)
+        self._waiters = asyncio.Semaphore(settings.device_waiters)
 
     async def _connect(self, what: str) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True, connect_timeout=10, application_name=f"wl-workers {what}"[:63])
@@ -189,8 +191,12 @@ class DeviceActions:
         """A device slot, or the job parks and waits its turn (raises): it frees its worker place for jobs of
         other routers, and the job that frees a slot wakes the oldest parked one. Parking then trying once more
         closes the gap where the last slot-holder finished just before this job parked."""
-        if await locks.try_device_slot(device) or await locks.wait_for_device_slot(device, self.settings.device_wait):
+        if await locks.try_device_slot(device):
             return
+        if not self._waiters.locked():  # a few worker places per process may wait; the rest stay for other routers
+            async with self._waiters:
+                if await locks.wait_for_device_slot(device, self.settings.device_wait):
+                    return
         cur = await conn.execute(_sql.PARK_BUSY, {"msg_id": job.msg_id, "device_id": device.id})
         row = await cur.fetchone()
         ahead = int(row[0]) if row else 0
