@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -138,6 +139,38 @@ class Handler:
             raise BadMessage("invalid_payload", _short_validation_error(exc)) from exc
 
 
+def _unwrap(func: Any) -> Any:
+    """The function a handler really calls: through partials, and to ``__call__`` of an object."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    if not (inspect.isfunction(func) or inspect.ismethod(func)) and callable(func) and not isinstance(func, type):
+        func = getattr(type(func), "__call__", func)  # noqa: B004 - the type's __call__, not callable()
+    return func
+
+
+def _refuse_results(handler: Any) -> None:
+    """Refuse at registration a handler that says it returns something: a handler's return value is ignored
+    (success is returning, failure is raising), so ``-> bool`` meant as "False = failed" would be taken for a
+    success. A generator function is refused too: its body would never run."""
+    func = _unwrap(handler)
+    name = _callable_name(handler)
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise TypeError(f"handler {name} is a generator function: calling it would not run its body")
+    try:
+        declared = typing.get_type_hints(func).get("return", None)
+    except Exception:  # noqa: BLE001 - annotations we cannot resolve (a name only known to type checkers): not judged
+        return
+    origin = typing.get_origin(declared) or declared
+    if declared is None or declared is type(None) or not isinstance(origin, type) or origin is object:
+        return  # None, nothing declared, Any, a union or an unresolvable form: nothing to refuse
+    if not inspect.iscoroutinefunction(func) and issubclass(origin, Awaitable):
+        return  # a plain function that returns the coroutine doing the work
+    raise TypeError(
+        f"handler {name} declares it returns {getattr(declared, '__name__', declared)}; a handler's return value is "
+        "ignored: return None for success and raise to fail (RetryLater, PermanentFailure or any exception)"
+    )
+
+
 def _callable_name(func: Any) -> str:
     return str(getattr(func, "__qualname__", None) or repr(func))
 
@@ -202,6 +235,7 @@ class App:
             raise ValueError(f"queue {queue!r} already has a handler for {what}: {by_type[type].name}")
         if not callable(func):
             raise TypeError("handler must be callable")
+        _refuse_results(func)
         handler = Handler(queue=queue, func=func, job_type=type, schema=schema)
         by_type[type] = handler
         return handler

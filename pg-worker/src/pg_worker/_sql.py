@@ -334,11 +334,16 @@ def retry_later(queue: str, *, count_attempt: bool = True) -> sql.Composed:
     ).format(t=sql.Identifier(queue_table(queue)))
 
 
-def hand_back(queue: str) -> sql.Composed:
-    """Make interrupted messages visible at once; the delivery that shutdown cut short is not an attempt."""
+def hand_back(queue: str, *, keep_vt: bool = False) -> sql.Composed:
+    """Make interrupted messages visible at once; the delivery that shutdown cut short is not an attempt.
+
+    ``keep_vt``: for a sync job whose thread shutdown had to abandon (it may still run, so its message stays
+    leased until the visibility timeout): only record that the delivery ended in a graceful shutdown, so its
+    next delivery is neither a poison suspect nor an attempt.
+    """
     handbacks = f"coalesce((m.headers->>'{HANDBACKS_KEY}')::int, 0) + 1"
     return sql.SQL(
-        "UPDATE pgmq.{t} m SET vt = clock_timestamp(), headers = "
+        "UPDATE pgmq.{t} m SET " + ("" if keep_vt else "vt = clock_timestamp(), ") + "headers = "
         + _merge_headers(f"'{CLOSED_KEY}', m.read_ct, '{HANDBACKS_KEY}', {handbacks}")
         + " FROM " + _HELD + " WHERE " + _MATCH_HELD + " RETURNING m.msg_id"
     ).format(t=sql.Identifier(queue_table(queue)))

@@ -369,6 +369,8 @@ class Worker:
         await asyncio.wait([ack_task], timeout=10.0)
         await completer.flush(deadline=time.monotonic() + 10.0)
         await completer.hand_back([*executor.interrupted, *fetchers.unstarted])
+        # A graceful stop is not a crash: the next delivery of an abandoned sync job is no poison suspect.
+        await completer.hand_back(executor.abandoned, abandoned=True)
         if self.config.listen:
             try:
                 await self._db.execute(_sql.UNMARK_WORKER, (self.config.worker_id,))

@@ -76,13 +76,19 @@ class HealthProbe:
     async def readiness(self) -> Report:
         health = self.worker.health
         checks = [
-            Check("worker", health.started and not health.stopping, "stopping" if health.stopping else ("running" if health.started else "starting")),
+            Check("worker", health.started and not health.stopping, self._worker_state()),
             await self._database(),
             self._listen(),
         ]
         for name, check in self.worker.app.readiness_checks:
             checks.append(await self._custom(name, check))
         return Report(all(c.ok for c in checks), checks)
+
+    def _worker_state(self) -> str:
+        health, failure = self.worker.health, self.worker.failure
+        if health.stopping:
+            return "stopping" if failure is None else f"stopping: {failure}"[:300]
+        return "running" if health.started else "starting"
 
     async def _database(self) -> Check:
         health = self.worker.health

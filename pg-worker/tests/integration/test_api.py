@@ -66,7 +66,7 @@ async def test_a_deferral_uses_no_attempt_and_never_dead_letters(db_url: str, pr
     producer.enqueue("busy", {"n": 1})
     task = asyncio.create_task(worker.run())
     try:
-        await wait_until(lambda: dlq_messages(db_url, "busy"), limit=30, what="the dead letter after the real failures")
+        await wait_until(lambda: dlq_messages(db_url, "busy"), timeout=30, what="the dead letter after the real failures")
     finally:
         worker.request_stop()
         await task
@@ -92,7 +92,7 @@ async def test_a_deferral_at_the_last_attempt_is_not_dead_lettered(db_url: str, 
     observer = RecordingObserver()
     async with running_worker(app, db_url, observer):
         producer.enqueue("busy", {})
-        await wait_until(lambda: observer.outcomes(Outcome.SUCCEEDED), limit=30, what="success after the deferrals")
+        await wait_until(lambda: observer.outcomes(Outcome.SUCCEEDED), timeout=30, what="success after the deferrals")
     assert seen == [1, 1, 1, 1]
     assert [f.outcome for f in observer.finished] == [Outcome.DEFERRED] * 3 + [Outcome.SUCCEEDED]
     assert await dlq_messages(db_url, "busy") == []
@@ -164,6 +164,7 @@ async def test_a_readiness_check_raising_worker_failure_stops_the_worker_with_th
     await wait_until(lambda: worker.health.started, what="start")
     report = await HealthProbe(worker).readiness()
     assert not report.ok and {c.name: c.detail for c in report.checks}["vpn"] == "tunnel wg0 is gone"
+    assert {c.name: c.detail for c in (await HealthProbe(worker).readiness()).checks}["worker"] == "stopping: readiness check vpn: tunnel wg0 is gone"
     with pytest.raises(WorkerFailure, match="readiness check vpn: tunnel wg0 is gone"):
         await asyncio.wait_for(task, timeout=30)
     assert worker.failure == "readiness check vpn: tunnel wg0 is gone"
