@@ -144,7 +144,7 @@ async def test_signed_mercadopago_notification_restores_the_customer(
     flow_db: str, router: RouterSimulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await _customer(flow_db, router, "svc-2002")
-    router.add("ip/firewall/address-list", list="morosos", address=CUSTOMER_IP, comment="suspended by billing")
+    router.add("ip/firewall/address-list", list="morosos", address=CUSTOMER_IP, comment="wl-workers: suspended")  # ours: activate removes only our entries
     assert router.is_suspended_address(CUSTOMER_IP)
     approved = {"id": 987654321, "status": "approved", "external_reference": "svc-2002", "date_approved": datetime.now(UTC).isoformat()}
     api = FakeMercadoPagoApi({"987654321": approved})

@@ -64,19 +64,19 @@ async def test_lock_lost_mid_put_converges_to_the_newest_state(wl_db: str, sim: 
     sim.faults.method_delay["PUT"] = 1.5
     await enqueue(wl_db, DEACTIVATE, "e1", at(0), "unpaid")
     async with running_worker(wl_db, fast_settings()):
-        await wait_until(lambda: sim._in_flight > 0 and not any(r.method == "PUT" for r in sim.requests), what="A's PUT in flight")
+        await wait_until(lambda: sim.in_flight_by_method.get("PUT", 0) > 0, what="A's PUT in flight")
         async with await psycopg.AsyncConnection.connect(wl_db, autocommit=True) as admin:
             cur = await admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name LIKE 'wl-workers job %%'")
-            row = await cur.fetchone()
-            assert row is not None and row[0] == 1, "A's lock connection terminated"
+            killed = await cur.fetchone()
+            assert killed is not None and killed[0] == 1, "A's lock connection terminated"
         await enqueue(wl_db, ACTIVATE, "e1", at(5), "paid")
         # B converges (nothing to write), then A's PUT lands, then A's retry removes it again
         await wait_until(lambda: any(r.method == "PUT" for r in sim.requests), limit=10, what="A's late PUT")
         await wait_until(lambda: any(r.method == "DELETE" and r.status == 204 for r in sim.requests), limit=10, what="the late write undone")
         await wait_until(lambda: queue_empty(wl_db), limit=10, what="queue empty")
     assert not sim.is_suspended_address("10.20.0.11"), "the router is in the newest desired state (active)"
-    row = await service_row(wl_db, "e1")
-    assert (row.desired_state, row.applied_state, row.applied_generation) == ("active", "active", row.desired_generation)
+    svc = await service_row(wl_db, "e1")
+    assert (svc.desired_state, svc.applied_state, svc.applied_generation) == ("active", "active", svc.desired_generation)
     assert LOCKS_LOST.labels("r1")._value.get() == lost_before + 1
     kinds = [(h["kind"], h["outcome"]) for h in await history_of(wl_db, "e1")]
     assert ("router_action", "lock_lost") in kinds and ("event_accepted", "accepted") in kinds

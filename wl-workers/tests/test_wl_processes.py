@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 class Workers:
-    def __init__(self, url: str, count: int, tmp: str) -> None:
+    def __init__(self, url: str, count: int, tmp: str, **extra_env: str) -> None:
         self.url = url
         self.metrics_ports = [free_port() for _ in range(count)]
         self.logs = [os.path.join(tmp, f"worker-{i}.log") for i in range(count)]
@@ -46,6 +46,7 @@ class Workers:
                 "WL_ACTION_MAX_DELAY": "0.5",
                 "WL_BUSY_RETRY_DELAY": "0.1",
                 "WL_ACTION_MAX_ATTEMPTS": "50",
+                **extra_env,
             }
             with open(self.logs[i], "wb") as log:
                 self.procs.append(subprocess.Popen([sys.executable, "-m", "wl_workers", "run"], env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -126,3 +127,17 @@ async def _two(url: str, workers: Workers) -> bool:
     exited = [p.returncode for p in workers.procs if p.poll() is not None]
     assert not exited, f"a worker exited early ({exited}): {workers.log(0)[-2000:]} {workers.log(1)[-2000:]}"
     return await marked_waiting(url) >= 2
+
+
+async def test_run_reconciles_periodically(wl_db: str, sim: RouterSimulator, tmp_path: object) -> None:
+    """`wl-workers run` repairs a router changed behind its back by itself (the reconcile background task)."""
+    await add_router(wl_db, sim)
+    await add_customer(wl_db, "c-rec", "address-list", "10.20.2.1")
+    sim.add("ip/firewall/address-list", list="morosos", address="10.20.2.1", comment="wl-workers: suspended")  # a stale backup restored
+    worker = Workers(wl_db, 1, str(tmp_path), WL_RECONCILE_INTERVAL="0.5")
+    try:
+        await wait_until(lambda: not sim.is_suspended_address("10.20.2.1"), limit=30, what="the router repaired by the periodic reconcile")
+        assert '"reconcile_finished"' in worker.log(0)
+        assert worker.stop() == [0]
+    finally:
+        worker.stop()

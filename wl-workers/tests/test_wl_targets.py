@@ -149,3 +149,18 @@ async def test_binary_api_control_bytes_are_a_device_error(sim: RouterSimulator,
                 await driver.read_state("address-list", "10.20.0.11")
         finally:
             await driver.aclose()
+
+
+async def test_cli_device_add_own_entries_only_flag(wl_db: str, sim: RouterSimulator, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from wl_workers.cli import main
+
+    monkeypatch.setenv("DATABASE_URL", wl_db)
+    common = ["--host", "127.0.0.1", "--port", str(sim.port), "--scheme", "http", "--username", "api", "--password-ref", "env:X"]
+    assert await asyncio.to_thread(main, ["device", "add", "strict", *common]) == 0
+    assert await asyncio.to_thread(main, ["device", "add", "lax", *common, "--no-own-entries-only"]) == 0
+    async with await psycopg.AsyncConnection.connect(wl_db, autocommit=True) as conn:
+        cur = await conn.execute("SELECT name, own_entries_only FROM wl.devices ORDER BY name")
+        assert await cur.fetchall() == [("lax", False), ("strict", True)]
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["service", "add", "x1", "--device", "strict", "--method", "address-list", "--target", "10.20.5.3/29"]) == 2
+    assert "host bits set: the prefix is 10.20.5.0/29" in capsys.readouterr().err

@@ -26,11 +26,12 @@ device wakes every parked job at once (``pgmq.set_vt(..., 0)`` and a NOTIFY to t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import psycopg
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -118,6 +119,7 @@ class DeviceActions:
         self.conninfo = conninfo
         self.settings = settings
         self.timeouts = Timeouts(connect=settings.http_connect_timeout, read=settings.http_read_timeout)
+        self._waiters = asyncio.Semaphore(settings.device_waiters)
 
     async def _connect(self, what: str) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True, connect_timeout=10, application_name=f"wl-workers {what}"[:63])
@@ -178,6 +180,8 @@ class DeviceActions:
             await self._take_slot(conn, locks, device, job, ctx)
             await self._rounds(conn, locks, job, device, service, ctx, origin, probing)
         except (LockLost, psycopg.OperationalError) as exc:
+            if not locks.held and not isinstance(exc, LockLost):
+                raise  # the connection died before this job held anything: an ordinary failure, retried
             await self._lock_lost(exc, ctx, origin)
             raise defer(min(self._busy_delay(), 1.0), f"locks lost: {exc}") from exc
         finally:
@@ -187,8 +191,12 @@ class DeviceActions:
         """A device slot, or the job parks and waits its turn (raises): it frees its worker place for jobs of
         other routers, and the job that frees a slot wakes the oldest parked one. Parking then trying once more
         closes the gap where the last slot-holder finished just before this job parked."""
-        if await locks.try_device_slot(device) or await locks.wait_for_device_slot(device, self.settings.device_wait):
+        if await locks.try_device_slot(device):
             return
+        if not self._waiters.locked():  # a few worker places per process may wait; the rest stay for other routers
+            async with self._waiters:
+                if await locks.wait_for_device_slot(device, self.settings.device_wait):
+                    return
         cur = await conn.execute(_sql.PARK_BUSY, {"msg_id": job.msg_id, "device_id": device.id})
         row = await cur.fetchone()
         ahead = int(row[0]) if row else 0
@@ -198,7 +206,8 @@ class DeviceActions:
         ACTIONS.labels(device.name, ctx["action"], "busy").inc()
         logger.info("device_busy", extra={"event": "device_busy", **ctx, "waiting": ahead})
         # woken when its turn comes; this retry only covers a wake that got lost (a slot-holder that died)
-        delay = min(self.settings.park_delay, self.settings.busy_retry_delay + 0.1 * ahead) * (0.75 + random.random() / 2)
+        # (generous: a second per action per slot; a parked job that comes back before its turn only parks again)
+        delay = min(self.settings.park_delay, self.settings.busy_retry_delay + ahead / device.max_concurrent) * (0.75 + random.random() / 2)
         raise defer(delay, f"all {device.max_concurrent} slots of device {device.name} are busy ({ahead} waiting)")
 
     async def _release(self, conn: psycopg.AsyncConnection[Any], locks: SessionLocks) -> None:
@@ -239,7 +248,6 @@ class DeviceActions:
                 writes = await self._drive(device, service, desired, locks.check)
             except DeviceError as exc:
                 await self._failed(conn, job, device, service, desired, exc, time.monotonic() - started, ctx, origin, probing)
-                raise AssertionError("unreachable") from exc  # _failed always raises
             duration = time.monotonic() - started
             LATENCY.labels(device.name).observe(duration)
             verified_at = datetime.now(UTC)
@@ -278,7 +286,7 @@ class DeviceActions:
     async def _failed(
         self, conn: psycopg.AsyncConnection[Any], job: Job[Any], device: Device, service: Service, desired: State, exc: DeviceError,
         duration: float, ctx: dict[str, Any], origin: dict[str, Any], probing: bool,
-    ) -> None:  # fmt: skip
+    ) -> NoReturn:  # fmt: skip
         """Record and count a device error, then raise what pg-worker should do with the job."""
         LATENCY.labels(device.name).observe(duration)
         FAILURES.labels(device.name, exc.kind).inc()

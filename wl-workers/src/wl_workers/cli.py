@@ -47,6 +47,7 @@ from ._store import (
     resolve_password,
 )
 from .drivers import DeviceError, Timeouts, make_driver
+from .locks import SessionLocks
 from .netcheck import DeviceNetworkLost
 from .reconcile import reconcile
 from .runner import serve, worker_settings
@@ -351,20 +352,28 @@ async def _device_test(conn: psycopg.AsyncConnection[Any], args: argparse.Namesp
 
 
 async def _device_now(conn: psycopg.AsyncConnection[Any], device_name: str, method: Any, target: str) -> str:
-    """What the router says, read from this shell (labelled so: the worker resolves the password in its own)."""
+    """What the router says, read from this shell (labelled so: the worker resolves the password in its own), within
+    one of the device's slots (the per-device limit covers reads)."""
     device = await get_device(conn, device_name)
     settings = _settings()
     try:
         password = resolve_password(device.password_ref)
     except SecretUnavailable as exc:
         return f"unknown (not read from this shell: {exc}; the worker resolves {device.password_ref} in its own environment)"
-    driver = make_driver(device, password, Timeouts(settings.http_connect_timeout, settings.http_read_timeout))
     try:
+        driver = make_driver(device, password, Timeouts(settings.http_connect_timeout, settings.http_read_timeout))
+    except DeviceError as exc:
+        return f"unknown ({exc}) [read from this shell]"
+    locks = SessionLocks(conn)
+    try:
+        if not await locks.wait_for_device_slot(device, settings.device_wait) and not await locks.try_device_slot(device):
+            return f"unknown (all {device.max_concurrent} slots of {device.name} busy; try again)"
         state = await driver.read_state(method, target)
         return f"{state.state} ({state.detail}) [read from this shell]"
     except DeviceError as exc:
         return f"unknown ({exc.kind}: {exc.reason}) [read from this shell]"
     finally:
+        await locks.release()
         await driver.aclose()
 
 
@@ -488,8 +497,8 @@ async def _enqueue_cmd(conn: psycopg.AsyncConnection[Any], args: argparse.Namesp
 
 async def _history_cmd(conn: psycopg.AsyncConnection[Any], args: argparse.Namespace) -> int:
     days = args.older_than if args.older_than is not None else _settings().history_retention_days
-    if days < 0:
-        raise OperatorError(f"--older-than {days:g}: must be 0 or more days")
+    if days <= 0:
+        raise OperatorError(f"--older-than {days:g}: must be more than 0 days")
     _confirm(args, f"delete service history older than {days:g} days")
     removed = await _operator.prune_history(conn, days)
     print(f"removed {removed} history row(s) older than {days:g} days")

@@ -71,7 +71,10 @@ class PaymentSyncHandler:
                 PAYMENT_SYNCS.labels(sync.provider, "unknown_service").inc()
                 logger.warning("payment_unknown_service", extra={"event": "payment_unknown_service", **context, "external_reference": service_id})
                 return
-            message = action_message(ACTIVATE, service_id, approved_at, f"mercadopago payment {sync.payment_id}")
+            message = action_message(
+                ACTIVATE, service_id, approved_at, f"mercadopago payment {sync.payment_id}",
+                source="payment_sync", actor=sync.provider, provider=sync.provider, payment_id=sync.payment_id,
+            )  # fmt: skip
             msg_id = await AsyncProducer().enqueue(DEVICE_ACTIONS, message, conn=conn)
         PAYMENT_SYNCS.labels(sync.provider, "activated").inc()
         logger.info("payment_activation_enqueued", extra={"event": "payment_activation_enqueued", **context, "service_id": service_id, "action_msg_id": msg_id})

@@ -13,7 +13,7 @@ import random
 
 import psycopg
 
-from pg_worker import SetupError, Worker, WorkerCrashed
+from pg_worker import App, SetupError, Worker, WorkerCrashed
 from pg_worker import cli as pg_worker_cli
 from pg_worker.settings import WorkerSettings
 
@@ -102,17 +102,20 @@ async def serve(conninfo: str, settings: WlSettings, wsettings: WorkerSettings) 
         app.readiness_check("device_network")(monitor.readiness)
     for collector in COLLECTORS:
         app.add_collector(collector)
+    if settings.reconcile_interval > 0:
+
+        @app.background_task("reconcile")
+        async def _reconcile(_: App) -> None:  # supervised by the worker, cancelled when it stops
+            await _periodic_reconcile(conninfo, settings, asyncio.Event())
+
     worker = Worker(app, conninfo, wsettings.worker_config(), listen_conninfo=wsettings.listen_url)
     stop = asyncio.Event()
-    reconciler = asyncio.create_task(_periodic_reconcile(conninfo, settings, stop)) if settings.reconcile_interval > 0 else None
     watcher = asyncio.create_task(_watch_device_network(monitor, worker, stop)) if monitor is not None else None
     outcome: Exception | None = None
     try:
         await pg_worker_cli.serve(worker, wsettings)  # /metrics (ours included), /healthz, /readyz; signals
     finally:
         stop.set()
-        if reconciler is not None:
-            await reconciler
         if watcher is not None:
             outcome = await watcher
     if outcome is not None:

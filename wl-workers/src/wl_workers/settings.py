@@ -29,7 +29,8 @@ class WlSettings(BaseSettings):
     http_read_timeout: float = Field(default=10.0, gt=0)
     busy_retry_delay: float = Field(default=2.0, ge=0)
     # how long one of a device's max_concurrent "next in line" jobs waits in its worker for a slot before parking
-    device_wait: float = Field(default=2.0, ge=0)
+    device_wait: float = Field(default=1.0, ge=0)
+    device_waiters: int = Field(default=4, ge=0)  # jobs per worker process that may wait so (the others park)
 
     # retry policy of device_actions: ~2 s doubling to 5 min; 12 attempts cover about half an hour of outage,
     # after which the job is dead-lettered and the periodic reconcile (if on) repairs the device later

@@ -124,6 +124,7 @@ class RouterSimulator:
         self._thread: threading.Thread | None = None
         self._in_flight = 0
         self._in_flight_by_key: dict[str, int] = {}
+        self.in_flight_by_method: dict[str, int] = {}  # requests being answered now, by HTTP method
         self._connections: set[socket.socket] = set()
         self.max_in_flight = 0
         self.max_in_flight_per_key = 0
@@ -270,13 +271,14 @@ class RouterSimulator:
                 if desired == "active":
                     self.add("ppp/active", name=target, address=f"10.30.0.{number + 1}", caller_id=f"AA:BB:CC:00:00:{number:02X}")
             elif desired == "suspended":
-                self.add("ip/firewall/address-list", list="morosos", address=target, comment="suspended")
+                self.add("ip/firewall/address-list", list="morosos", address=target, comment="wl-workers: suspended")  # as if this system had suspended it
 
     # -- request handling (called from the server's threads) -------------------------------------------------
 
     @contextlib.contextmanager
-    def _tracking(self, key: str) -> Iterator[None]:
+    def _tracking(self, key: str, method: str = "") -> Iterator[None]:
         with self._lock:
+            self.in_flight_by_method[method] = self.in_flight_by_method.get(method, 0) + 1
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
             if key:
@@ -286,6 +288,7 @@ class RouterSimulator:
             yield
         finally:
             with self._lock:
+                self.in_flight_by_method[method] -= 1
                 self._in_flight -= 1
                 if key:
                     self._in_flight_by_key[key] -= 1
@@ -372,9 +375,10 @@ class RouterSimulator:
         key = queries.get("address") or queries.get("name") or attrs.get("address") or attrs.get("name") or ""
         status = 200
         try:
-            with self._tracking(key):
-                if self.faults.delay:
-                    time.sleep(self.faults.delay)
+            with self._tracking(key, method or ""):
+                delay = self.faults.delay + self.faults.method_delay.get(method or "", 0.0)
+                if delay:
+                    time.sleep(delay)
                 fault = self._take_fault(method or "")
                 if fault == "drop":
                     status = 0
@@ -520,7 +524,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(status, payload)
                 return
             key = _request_key(split.query, body)
-            with sim._tracking(key):
+            with sim._tracking(key, method):
                 delay = sim.faults.delay + sim.faults.method_delay.get(method, 0.0)
                 if delay:
                     time.sleep(delay)
