@@ -13,8 +13,8 @@ import pytest
 from wl_helpers import PASSWORD_REF, add_customer, add_router, drain, fast_settings
 from wl_workers._store import add_device
 from wl_workers.cli import main
-from wl_workers.metrics import RECONCILE_DEVICES
-from wl_workers.reconcile import reconcile
+from wl_workers.metrics import DIVERGED, RECONCILE_DEVICES
+from wl_workers.reconcile import count_diverged, reconcile
 from wl_workers.simulator import RouterSimulator
 
 AL = "ip/firewall/address-list"
@@ -67,3 +67,23 @@ async def test_one_bad_device_of_each_kind_beside_a_healthy_one(
     assert await asyncio.to_thread(main, ["reconcile", "--dry-run"]) == 1
     err = capsys.readouterr().err
     assert "devices not reconciled: badca, html, login" in err
+
+
+async def test_the_diverged_gauge_counts_from_the_rows_per_device(wl_db: str, sim: RouterSimulator) -> None:
+    """The alert on customers whose router differs (deploy/observability/alerts.yml, CustomersDiverged) reads
+    wl_services_diverged: what reconcile saw on the router, until a job puts it right; 0 for a device in order."""
+    await add_router(wl_db, sim, "r1")
+    await add_router(wl_db, sim, "r2")
+    await add_customer(wl_db, "c-diverged", "address-list", "10.27.0.1", device="r1")
+    await add_customer(wl_db, "c-fine", "address-list", "10.27.0.2", device="r1")
+    sim.add(AL, list="morosos", address="10.27.0.1", comment="wl-workers: suspended")  # desired active, router suspends
+    settings = fast_settings()
+    assert await count_diverged(wl_db, settings) == {"r1": 0, "r2": 0}  # nothing observed yet: nothing claimed
+    await reconcile(wl_db, settings, dry_run=True)  # reads the routers, records what they show, enqueues nothing
+    assert await count_diverged(wl_db, settings) == {"r1": 1, "r2": 0}
+    assert DIVERGED.labels("r1")._value.get() == 1 and DIVERGED.labels("r2")._value.get() == 0
+    await reconcile(wl_db, settings)
+    await drain(wl_db)
+    assert not sim.is_suspended_address("10.27.0.1")
+    assert await count_diverged(wl_db, settings) == {"r1": 0, "r2": 0}
+    assert DIVERGED.labels("r1")._value.get() == 0

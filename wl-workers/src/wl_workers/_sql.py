@@ -269,3 +269,14 @@ ROUTER_READ_AFTER = """
 SELECT at, state, outcome, error_class, detail FROM wl.service_history
 WHERE service_id = %s AND kind = 'router_read' AND id > %s ORDER BY id LIMIT 1
 """
+
+# Per device, the services that differ from their desired state: the router was last seen otherwise, or the newest
+# desired state has not been applied within the grace (a job may be on its way). Every device appears (0 too).
+DIVERGED_BY_DEVICE = """
+SELECT d.name, count(s.service_id) FILTER (
+    WHERE (s.observed_state IN ('active', 'suspended') AND s.observed_state <> s.desired_state)
+       OR (s.applied_generation IS DISTINCT FROM s.desired_generation AND s.applied_state IS NOT NULL
+           AND coalesce(s.desired_changed_at, s.updated_at) < clock_timestamp() - make_interval(secs => %(grace)s)))
+FROM wl.devices d LEFT JOIN wl.customer_services s ON s.device_id = d.id
+GROUP BY d.name
+"""

@@ -3,7 +3,7 @@ runner attaches to pg-worker's ``/metrics`` registry, so one scrape shows both."
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -54,4 +54,12 @@ ROUTE_GUARD_REFUSALS = Counter(
     registry=REGISTRY,
 )
 
-COLLECTORS = (ACTIONS, FAILURES, LATENCY, RECONCILE, PAYMENT_SYNCS, NETCHECKS, LOCKS_LOST, RECONCILE_DEVICES, ROUTE_GUARD_REFUSALS)
+DIVERGED = Gauge(
+    "wl_services_diverged",
+    "Services whose router was last seen in another state than desired, or whose newest desired state is not applied "
+    "after WL_DIVERGED_GRACE seconds; counted from the database every WL_DIVERGED_INTERVAL seconds by every worker.",
+    ["device"],
+    registry=REGISTRY,
+)
+
+COLLECTORS = (ACTIONS, FAILURES, LATENCY, RECONCILE, PAYMENT_SYNCS, NETCHECKS, LOCKS_LOST, RECONCILE_DEVICES, ROUTE_GUARD_REFUSALS, DIVERGED)

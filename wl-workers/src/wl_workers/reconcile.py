@@ -31,7 +31,7 @@ from ._store import Device, Service, list_devices, list_services, resolve_passwo
 from .actions import ACTIVATE, DEACTIVATE, action_message
 from .drivers import DeviceError, PermanentDeviceError, Timeouts, make_driver
 from .locks import SessionLocks
-from .metrics import RECONCILE, RECONCILE_DEVICES
+from .metrics import DIVERGED, RECONCILE, RECONCILE_DEVICES
 from .settings import DEVICE_ACTIONS, WlSettings
 
 logger = logging.getLogger(__name__)
@@ -194,3 +194,14 @@ async def reconcile_once_exclusive(conninfo: str, settings: WlSettings) -> Recon
             return report
         finally:
             await lock_conn.execute(_sql.RELEASE_RECONCILE_LOCK)
+
+
+async def count_diverged(conninfo: str, settings: WlSettings) -> dict[str, int]:
+    """Sets ``wl_services_diverged`` per device from the database (what the alert on diverged customers reads) and
+    returns it. Read from the rows, not from this process's last pass: every worker reports the same figure."""
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
+        cur = await conn.execute(_sql.DIVERGED_BY_DEVICE, {"grace": settings.diverged_grace})
+        counts = {str(name): int(n) for name, n in await cur.fetchall()}
+    for device, n in counts.items():
+        DIVERGED.labels(device).set(n)
+    return counts

@@ -21,7 +21,7 @@ from ._migrate import pending_migrations
 from .app import build_app
 from .metrics import COLLECTORS
 from .netcheck import NetworkMonitor
-from .reconcile import reconcile_once_exclusive
+from .reconcile import count_diverged, reconcile_once_exclusive
 from .settings import WlSettings
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,15 @@ async def _periodic_reconcile(conninfo: str, settings: WlSettings, stop: asyncio
                     "enqueued": len(report.enqueued), "errors": len(report.errors), "failed_devices": sorted(report.failed_devices),
                 },
             )
+
+
+async def _count_diverged_periodically(conninfo: str, settings: WlSettings) -> None:
+    while True:
+        try:
+            await count_diverged(conninfo, settings)
+        except (psycopg.Error, OSError) as exc:  # the database is away: the gauge keeps its last value, pg-worker alerts
+            logger.warning("diverged_count_failed", extra={"event": "diverged_count_failed", "error": str(exc)})
+        await asyncio.sleep(settings.diverged_interval)
 
 
 STARTUP_RETRY_FIRST, STARTUP_RETRY_MAX = 0.5, 10.0
@@ -107,6 +116,10 @@ async def serve(conninfo: str, settings: WlSettings, wsettings: WorkerSettings) 
         @app.background_task("reconcile")
         async def _reconcile(_: App) -> None:  # supervised by the worker, cancelled when it stops
             await _periodic_reconcile(conninfo, settings, asyncio.Event())
+
+    @app.background_task("diverged")
+    async def _diverged(_: App) -> None:
+        await _count_diverged_periodically(conninfo, settings)
 
     worker = Worker(app, conninfo, wsettings.worker_config(), listen_conninfo=wsettings.listen_url)
     stop = asyncio.Event()

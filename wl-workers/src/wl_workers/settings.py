@@ -48,6 +48,10 @@ class WlSettings(BaseSettings):
     reconcile_interval: float = Field(default=600.0, ge=0)
     reconcile_concurrency: int = Field(default=4, ge=1)  # devices read at once
     reconcile_device_budget: float = Field(default=60.0, gt=0)  # seconds one device may take in a pass
+    # the wl_services_diverged gauge: counted every so many seconds; a desired state not applied after the grace counts
+    diverged_interval: float = Field(default=60.0, gt=0)
+    diverged_grace: float = Field(default=300.0, ge=0)
+
     # wl.service_history rows older than this are deleted by `wl-workers history prune` and the periodic reconcile
     history_retention_days: float = Field(default=400.0, gt=0)
 
