@@ -1,9 +1,10 @@
 """payment-webhook: accepted signed events per second and response time at a fixed offered load, against the bare
 framework returning 200 (same uvicorn settings) measured in the same run.
 
-Server and client are separate processes on 127.0.0.1. Ours does everything a real delivery costs: size limit,
-Standard Webhooks HMAC, JSON and schema, one transaction inserting the event and enqueueing its job, an INFO log
-line (JSON) and the metrics.
+Server and client are separate processes on 127.0.0.1. Ours does everything a real delivery costs: size and time
+limits, Standard Webhooks HMAC, JSON with its strict checks, schema, event time window, amount and currency, one
+transaction (its time budget and the service check, inserting the event, enqueueing its job), an INFO log line
+(JSON) and the metrics.
 """
 
 from __future__ import annotations

@@ -52,3 +52,15 @@ def test_a_replay_under_a_future_id_cannot_preempt_the_genuine_notification(webh
     assert jobs[1]["event_id"] == "id:2000;request-id:req-new;"
     assert (jobs[1]["source"], jobs[1]["actor"]) == ("webhook", "mercadopago")
     assert [r["payment_id"] for r in event_rows(db)] == ["1000", "2000"]
+
+
+def test_every_casing_of_a_lowercase_signed_data_id_is_the_same_event(webhook_server: RunningServer, db: Conn) -> None:
+    # Signed in lowercase (Mercado Pago's documented rule): every casing of the id in the URL verifies, and a
+    # replay in another casing must not be a new event.
+    query, body, headers = mp_request("ordtst01abc", "n-case", request_id="req-case")
+    first = _post(webhook_server, query.replace("ordtst01abc", "ORDTST01ABC"), body, headers)
+    assert first.json()["status"] == "accepted", first.text
+    for casing in ("OrDtSt01AbC", "ordtst01abc", "ORDTST01ABc"):
+        again = _post(webhook_server, query.replace("ordtst01abc", casing), body, headers)
+        assert again.json()["status"] == "duplicate", casing
+    assert [job["payment_id"] for job in queue(db, "payment_sync")] == ["ORDTST01ABC"]

@@ -226,12 +226,14 @@ def mercadopago_event(
         return Event("mercadopago", event_id, kind[:100] or "unknown", parsed.date_created, body, None, known=False)
     if not data_id:
         raise SchemaError("data.id: a payment notification needs data.id in the query string")
+    # Looked up as received: an Orders API id is upper case, whichever form the signature covered.
+    payment_id = verified.received_data_id or data_id
     job = Job(
         PAYMENT_SYNC,
         {
             "type": "payments.sync",
             "provider": "mercadopago",
-            "payment_id": data_id,
+            "payment_id": payment_id,
             "notified_at": datetime.fromtimestamp(verified.notified_at, UTC).isoformat(),
             "source": "webhook",
             "actor": "mercadopago",
@@ -239,4 +241,4 @@ def mercadopago_event(
         },
     )
     action = parsed.action if parsed.action and parsed.action.startswith("payment.") else "payment"
-    return Event("mercadopago", event_id, action, parsed.date_created, body, job, known=True, payment_id=data_id)
+    return Event("mercadopago", event_id, action, parsed.date_created, body, job, known=True, payment_id=payment_id)

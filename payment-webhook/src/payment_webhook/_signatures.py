@@ -192,9 +192,10 @@ class MercadoPagoVerified:
     """What a Mercado Pago signature covers, and nothing else: the only inputs an event may be keyed on."""
 
     notified_at: float  # epoch seconds
-    data_id: str | None  # as received in the query string
+    data_id: str | None  # in the form the signature covers (see data_id_forms)
     request_id: str | None
     ts: str  # the signed ts, as sent
+    received_data_id: str | None = None  # as received in the query string (what the payment is looked up by)
 
     @property
     def event_id(self) -> str:
@@ -227,9 +228,12 @@ def verify_mercadopago(
     signature = parse_x_signature(x_signature)
     ts = mercadopago_ts_seconds(_parse_timestamp(signature.ts))
     _check_window(ts, now, window)
-    manifests = [mercadopago_manifest(form, request_id, signature.ts).encode() for form in (data_id_forms(data_id) if data_id else (None,))]
-    expected = [hmac.new(s.get_secret_value().encode(), m, hashlib.sha256).hexdigest().encode() for s in secrets for m in manifests]
     offered = [v.lower().encode() for v in signature.v1]
-    if not _any_match(expected, offered):
-        raise SignatureError("bad_signature", "no signature matches an active secret")
-    return MercadoPagoVerified(ts, data_id or None, request_id or None, signature.ts)
+    keys = [s.get_secret_value().encode() for s in secrets]
+    for form in data_id_forms(data_id) if data_id else (None,):
+        manifest = mercadopago_manifest(form, request_id, signature.ts).encode()
+        if _any_match([hmac.new(key, manifest, hashlib.sha256).hexdigest().encode() for key in keys], offered):
+            # The form that was signed is the event's identity: when the lowercased id was signed, every casing
+            # of it in the URL verifies, and all of them must be the same event (not one event per casing).
+            return MercadoPagoVerified(ts, form, request_id or None, signature.ts, received_data_id=data_id)
+    raise SignatureError("bad_signature", "no signature matches an active secret")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from psycopg import sql
+
 # Held for the whole migration transaction: two `payment-webhook migrate` at once run one after the other.
 # The key is fixed (the bytes "webhook!" as a bigint), distinct from pg-worker's own install lock.
 MIGRATION_LOCK_KEY = 0x776562686F6F6B21
@@ -74,21 +76,31 @@ ON CONFLICT (provider, event_id) DO NOTHING
 RETURNING id
 """
 
-# The first statement of every event's transaction, one round trip for two things:
-# - the per-transaction database budget (SET LOCAL, so it also holds through PgBouncer's transaction mode): a
-#   locked table or a slow statement ends in an error (503) well before the provider's own timeout (Mercado Pago
-#   gives up after 22 s), instead of holding the request open;
+# How every event's transaction begins, in one round trip (several statements, so it goes by the simple query
+# protocol; its only values are the two timeouts, integers from the settings, passed as literals):
+# - BEGIN, and the transaction's database budget (SET LOCAL, so it also holds through PgBouncer's transaction
+#   mode): a locked table or a slow statement ends in an error (503) well before the provider's own timeout
+#   (Mercado Pago gives up after 22 s), instead of holding the request open;
 # - whether wl.service_exists(text) can be called (wl-workers' migration 0003 creates it, SECURITY DEFINER): when
 #   it cannot (absent, or no privilege), every service counts as existing and nothing fails or aborts.
-BEGIN_EVENT = """
-SELECT set_config('statement_timeout', %(statement)s, true),
-       set_config('lock_timeout', %(lock)s, true),
-       CASE WHEN to_regnamespace('wl') IS NULL THEN false
+_BEGIN_EVENT = sql.SQL("""
+BEGIN;
+SET LOCAL statement_timeout = {statement_ms};
+SET LOCAL lock_timeout = {lock_ms};
+SELECT CASE WHEN to_regnamespace('wl') IS NULL THEN false
             WHEN NOT has_schema_privilege(to_regnamespace('wl')::oid, 'USAGE') THEN false
             WHEN to_regprocedure('wl.service_exists(text)') IS NULL THEN false
             ELSE has_function_privilege(to_regprocedure('wl.service_exists(text)')::oid, 'EXECUTE')
        END
-"""
+""")
+
+
+def begin_event(statement_ms: int, lock_ms: int) -> sql.Composed:
+    return _BEGIN_EVENT.format(statement_ms=sql.Literal(int(statement_ms)), lock_ms=sql.Literal(int(lock_ms)))
+
+
+COMMIT = "COMMIT"
+ROLLBACK = "ROLLBACK"
 
 SERVICE_EXISTS = "SELECT wl.service_exists(%s)"
 
