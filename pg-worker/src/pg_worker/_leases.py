@@ -43,6 +43,16 @@ class Lease:
     def held(self) -> bool:
         return self.lost is None
 
+    @property
+    def margin(self) -> float:
+        """How long before its visibility timeout could end the lease counts as lost: time to stop the job."""
+        return min(EXPIRY_MARGIN_MAX, self.queue.visibility_timeout * 0.1)
+
+    def alive(self) -> bool:
+        """Still ours by the clock, whether or not the lease timer could fire yet (the event loop may be busy,
+        or the caller a thread): what a job checks at the moment it starts."""
+        return self.lost is None and time.monotonic() < self.expires_at - self.margin
+
 
 class LeaseKeeper:
     def __init__(self, db: Database, observers: WorkerObserver) -> None:
@@ -101,10 +111,9 @@ class LeaseKeeper:
     def _arm(self, lease: Lease) -> None:
         if lease._timer is not None:
             lease._timer.cancel()
-        margin = min(EXPIRY_MARGIN_MAX, lease.queue.visibility_timeout * 0.1)
         loop = asyncio.get_running_loop()
         # loop.time() is monotonic too, but not necessarily time.monotonic(): convert.
-        fire_at = loop.time() + (lease.expires_at - margin - time.monotonic())
+        fire_at = loop.time() + (lease.expires_at - lease.margin - time.monotonic())
         lease._timer = loop.call_at(fire_at, self.lose, lease, "expired", "lease_clock")
 
     async def run(self) -> None:

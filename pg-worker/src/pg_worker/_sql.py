@@ -144,7 +144,7 @@ def qualified_queue_table(queue: str) -> str:
 # Headers pg-worker keeps on a message for itself (never shown to handlers):
 CLOSED_KEY = "x-pg-worker-closed"  # read_ct of the last delivery that ended with a recorded retry or hand-back
 HANDBACKS_KEY = "x-pg-worker-handbacks"  # deliveries given back at shutdown: they do not count as attempts
-SOLO_KEY = "x-pg-worker-solo"  # times the message started running alone after a worker died under it
+SOLO_KEY = "x-pg-worker-solo"  # times the message started as the only suspect running (its worker had died under it)
 INTERNAL_HEADERS = (CLOSED_KEY, HANDBACKS_KEY, SOLO_KEY)
 
 _HELD = "unnest(%(ids)s::bigint[], %(cts)s::int[]) AS held(id, ct)"
@@ -338,7 +338,7 @@ def hand_back(queue: str) -> sql.Composed:
 
 
 def mark_solo(queue: str) -> sql.Composed:
-    """Record, before it runs, that a message suspected of killing a worker starts running alone."""
+    """Record, before it runs, that a message suspected of killing a worker starts in the suspect lane."""
     solo = f"coalesce((m.headers->>'{SOLO_KEY}')::int, 0) + 1"
     return sql.SQL(
         "UPDATE pgmq.{t} m SET headers = " + _merge_headers(f"'{SOLO_KEY}', {solo}")

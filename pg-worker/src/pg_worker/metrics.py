@@ -35,8 +35,9 @@ LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.
 DB_OPERATIONS = (
     "startup", "read", "check", "poll", "ack", "retry", "dead_letter", "hand_back", "renew_lease", "mark_solo", "unmark", "listen", "queue_stats",
 )
-# What finds a lease lost: a fenced write that matched nothing, or the lease's own clock.
-LEASE_OPERATIONS = ("ack", "retry", "dead_letter", "hand_back", "renew_lease", "mark_solo", "lease_clock")
+# What finds a lease lost: a fenced write that matched nothing, or the lease's own clock. ``start``: a job read
+# but still waiting to start (for a thread, behind a suspect) whose lease had ended: dropped without running.
+LEASE_OPERATIONS = ("ack", "retry", "dead_letter", "hand_back", "renew_lease", "mark_solo", "lease_clock", "start")
 REJECT_REASONS = ("not_an_object", "invalid_type", "unknown_type", "invalid_payload")
 WORKER_ERROR_TYPES = ("JobTimeout", "PermanentFailure")
 

@@ -1,0 +1,114 @@
+"""A job starts only while its lease holds; lost and unwritten outcomes are picked up at once (issue 18)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import pg_worker
+from apps import slow_app
+from helpers import RecordingObserver, expire, read_one, running_worker, wait_until
+from pg_worker import App, Job, Outcome, PollSchedule, Producer
+from test_resilience import WorkerProcess
+
+TEN_MINUTES = PollSchedule(interval=600)
+
+# Renewals (an UPDATE that keeps read_ct) fail for the connections whose application_name is listed: a database
+# that the worker cannot write to for a while, while other workers still can.
+FAIL_RENEWALS = """
+CREATE TABLE fail_renewals (app text PRIMARY KEY);
+CREATE FUNCTION fail_renewal() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.read_ct = OLD.read_ct AND EXISTS (SELECT 1 FROM fail_renewals WHERE app = current_setting('application_name')) THEN
+        RAISE EXCEPTION 'renewals fail (test)';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER fail_renewal BEFORE UPDATE ON pgmq.q_slow FOR EACH ROW EXECUTE FUNCTION fail_renewal();
+"""
+
+
+def _started(work_dir: Path, msg_id: int) -> list[str]:
+    return sorted(p.name for p in work_dir.glob(f"started-{msg_id}-*"))
+
+
+async def test_a_job_waiting_for_a_thread_is_not_started_after_its_lease_ended(
+    db_url: str, tmp_path: Path, producer: Producer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGW_TEST_DIR", str(tmp_path))
+    monkeypatch.setenv("PGW_TEST_VT", "2")
+    await pg_worker.install(db_url, ["slow"])
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute(FAIL_RENEWALS)
+    blocker = producer.enqueue("slow", {"seconds": 6})
+    victim = producer.enqueue("slow", {"seconds": 0})
+    observer = RecordingObserver()
+    url_a = db_url + ("&" if "?" in db_url else "?") + "application_name=worker-a"
+    # Worker A: one thread, so the victim waits in the pool's queue behind the 6 s job. (Poll-only: a busy
+    # worker never marks itself as waiting, which running_worker would wait for.)
+    async with running_worker(slow_app(), url_a, observer, poll=TEN_MINUTES, listen=False, concurrency=2, sync_threads=1, worker_id="a"):
+        await wait_until(lambda: _started(tmp_path, blocker), what="the 6 s job started in A")
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            await conn.execute("INSERT INTO fail_renewals VALUES ('worker-a')")
+            failing_since = time.monotonic()
+            b = WorkerProcess(db_url, tmp_path, PG_WORKER_WORKER_ID="b", PGW_TEST_VT="2")
+            try:
+                # B reads both messages once A's leases have run out, and runs the victim at once.
+                await wait_until(lambda: len(_started(tmp_path, victim)) >= 1, limit=15, what="the victim runs in B")
+                await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - failing_since)))
+                await conn.execute("DELETE FROM fail_renewals")
+                # A's thread is free once the 6 s job returns: the victim must be dropped, not started.
+                await wait_until(
+                    lambda: ("slow", victim, "start") in observer.leases_lost or len(_started(tmp_path, victim)) > 1,
+                    limit=15,
+                    what="A reaches the victim",
+                )
+                await asyncio.sleep(0.3)
+            finally:
+                b.kill()
+    runs = _started(tmp_path, victim)
+    assert len(runs) == 1 and runs[0].endswith(f"-{b.proc.pid}"), f"run once, by B only: {runs}"
+    assert ("slow", victim, "start") in observer.leases_lost, observer.leases_lost
+    assert str(os.getpid()) not in runs[0]
+
+
+async def test_a_suspect_runs_while_other_jobs_on_every_queue_go_on(db_url: str, producer: Producer) -> None:
+    app = App()
+    app.queue("jobs", visibility_timeout=10)
+    app.queue("other", visibility_timeout=10)
+    started: dict[tuple[str, int], float] = {}
+    release = asyncio.Event()
+
+    @app.handler("jobs")
+    async def handle(job: Job[dict[str, Any]]) -> None:
+        started[("jobs", job.msg_id)] = time.monotonic()
+        if job.payload.get("suspect"):
+            await release.wait()
+
+    @app.handler("other")
+    async def handle_other(job: Job[dict[str, Any]]) -> None:
+        started[("other", job.msg_id)] = time.monotonic()
+
+    await pg_worker.install(db_url, ["jobs", "other"])
+    suspect = producer.enqueue("jobs", {"suspect": True})
+    await read_one(db_url, "jobs")  # a delivery that ends with no outcome, as if its worker had died...
+    await expire(db_url, "jobs")  # ...so the next one is a suspect
+    observer = RecordingObserver()
+    async with running_worker(app, db_url, observer, poll=TEN_MINUTES, worker_id="a"):
+        await wait_until(lambda: ("jobs", suspect) in started, what="the suspect runs")
+        sent = time.monotonic()
+        others = [("jobs", producer.enqueue("jobs", {})) for _ in range(3)] + [("other", producer.enqueue("other", {})) for _ in range(3)]
+        await wait_until(lambda: all(key in started for key in others), limit=5, what="other jobs while the suspect runs")
+        assert not release.is_set()
+        latency = max(started[key] for key in others) - sent
+        release.set()
+        await wait_until(lambda: len(observer.outcomes(Outcome.SUCCEEDED)) == 7, what="all done")
+    assert latency < 1.0, f"ordinary jobs waited {latency:.2f}s for the suspect"
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        assert await (await conn.execute("SELECT count(*) FROM pgmq.q_jobs")).fetchone() == (0,)
