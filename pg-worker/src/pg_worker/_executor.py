@@ -85,7 +85,10 @@ def _int_header(headers: Any, key: str) -> int | None:
 
 
 def public_headers(headers: Any) -> Any:
+    """The headers as the producer sent them (pg-worker's keys removed, non-object headers unwrapped)."""
     if isinstance(headers, Mapping) and any(key in headers for key in _sql.INTERNAL_HEADERS):
+        if _sql.ORIGINAL_KEY in headers:
+            return headers[_sql.ORIGINAL_KEY]
         return {k: v for k, v in headers.items() if k not in _sql.INTERNAL_HEADERS}
     return headers
 
@@ -118,6 +121,8 @@ class Executor:
     async def run(self, lease: Lease, enqueued_at: Any, message: Any, headers: Any) -> None:
         queue = lease.queue.name
         try:
+            if lease.read_ct >= _sql.MAX_READ_CT:
+                raise BadMessage("read_ct_exhausted", f"read {lease.read_ct} times: its read count cannot grow, so no delivery of it could be fenced")
             handler, job_type = self._app.resolve(queue, message)
             payload = handler.parse(message)
         except BadMessage as exc:
@@ -155,7 +160,7 @@ class Executor:
             # What finished before must be on record before a suspect runs: if it kills the process, the
             # jobs that succeeded next to it must not come back as suspects themselves.
             if not (await self._completer.flush(time.monotonic() + 5.0) and await self._mark_solo(lease, job)):
-                self._leases.release(lease)  # the database failed: the message comes back after its lease
+                self._leases.abandon(lease)  # the database failed: the message comes back after its lease
                 return
             await self._execute(lease, job, handler)
         finally:
@@ -199,6 +204,8 @@ class Executor:
                     raise
                 task.uncancel()
                 raise _LeaseLost() from None
+            finally:
+                lease.on_lost = None  # the handler is done: a lease lost now must not cancel the outcome's write
         except _NotStarted:
             self._not_started(lease, job)
             return
@@ -219,7 +226,6 @@ class Executor:
         if not lease.held:
             self._finish(job, Outcome.LEASE_LOST, started, None, handler, why=lease.lost)
             return
-        lease.on_lost = None
         self._completer.ack(lease)
         self._finish(job, Outcome.SUCCEEDED, started, None, handler)
 

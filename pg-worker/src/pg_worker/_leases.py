@@ -36,6 +36,7 @@ class Lease:
     expires_at: float  # monotonic: our conservative view of when the visibility timeout ends
     renew_at: float
     lost: str | None = None  # why the lease is gone ("expired", "taken"), None while held
+    closing: bool = False  # its outcome is being written: a renewal that misses it raced with that write
     on_lost: Callable[[Lease], None] | None = None
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
@@ -58,6 +59,9 @@ class LeaseKeeper:
     def __init__(self, db: Database, observers: WorkerObserver) -> None:
         self._db = db
         self._observers = observers
+        # Called when a delivery of ours ends with no outcome written: its message becomes visible when the
+        # lease runs out, and the fetch loop of its queue should look then, not at the next fallback poll.
+        self.on_ended: Callable[[Lease, float], None] | None = None
         self._leases: dict[tuple[str, int], Lease] = {}
         self._wake = asyncio.Event()
         self._next_renewal = float("inf")
@@ -86,12 +90,25 @@ class LeaseKeeper:
             lease._timer.cancel()
             lease._timer = None
 
+    def abandon(self, lease: Lease) -> None:
+        """Stop renewing a delivery whose outcome could not be written: its message comes back at its lease's end."""
+        self.release(lease)
+        self._ended(lease)
+
+    def _ended(self, lease: Lease) -> None:
+        if self.on_ended is not None:
+            # Our view of the end is early by up to the read's round trip: look a margin later (a look that
+            # comes too early plans on the message's real vt anyway).
+            self.on_ended(lease, max(0.0, lease.expires_at + lease.margin - time.monotonic()))
+
     def lose(self, lease: Lease, why: str, operation: str) -> None:
         """The delivery is not ours any more: stop the job, and never write about it again."""
         if lease.lost is not None:
             return
         lease.lost = why
         self.release(lease)
+        if why == "expired":
+            self._ended(lease)  # ("taken": another worker holds the message; it is theirs to finish)
         self._observers.lease_lost(lease.queue.name, lease.msg_id, operation)
         logger.warning(
             "lease_lost",
@@ -167,10 +184,14 @@ class LeaseKeeper:
             for lease in leases:
                 if lease.lost is not None:
                     continue  # lost while the statement ran: its timer already stopped the job
+                if self._leases.get((queue, lease.msg_id)) is not lease:
+                    continue  # its outcome was written while the statement ran: done, not lost
                 if lease.msg_id in renewed:
                     lease.expires_at = sent_at + config.visibility_timeout
                     lease.renew_at = sent_at + config.visibility_timeout / 2
                     self._arm(lease)
+                elif lease.closing:
+                    continue  # its outcome write (which closes or deletes the delivery) won the race: it reports
                 else:
                     self.lose(lease, "taken", "renew_lease")
             logger.debug("leases_renewed", extra={"event": "leases_renewed", "queue": queue, "msg_ids": sorted(renewed)})

@@ -125,11 +125,14 @@ class Worker:
         queues = self.app.queues
         self._db = db = Database(self.conninfo, self.config, self.observers, self.health, max_size=len(queues) + 3)
         self._slots = slots = Slots(self.config.concurrency)
-        self._leases = leases = LeaseKeeper(db, self.observers)
-        completer = Completer(db, leases, dict(queues))
         # Reads default to half the concurrency, so one batch runs while the next is being read.
         default_batch = max(1, min(100, self.config.concurrency // 2))
         fetch_states = {name: QueueFetcher(cfg, cfg.batch_size or default_batch) for name, cfg in queues.items()}
+        self._leases = leases = LeaseKeeper(db, self.observers)
+        # A delivery that ended with no outcome (lease run out, outcome not written) is visible again at its
+        # lease's end: its fetch loop looks then, not at the next fallback poll.
+        leases.on_ended = lambda lease, delay: fetch_states[lease.queue.name].retry_scheduled(delay)
+        completer = Completer(db, leases, dict(queues), on_retry=lambda queue, delay: fetch_states[queue].retry_scheduled(delay))
         threads = ThreadPoolExecutor(self.config.thread_pool_size, thread_name_prefix="pg-worker-job")
         self._executor = executor = Executor(
             self.app, leases, completer, self.observers, self.health, threads, on_retry=lambda queue, delay: fetch_states[queue].retry_scheduled(delay)
@@ -155,7 +158,7 @@ class Worker:
             if not finished.cancelled() and finished.exception() is not None:
                 # A bug of ours, not the handler's (those are job failures): stop renewing, so the message
                 # comes back after its lease, and say so.
-                leases.release(lease)
+                leases.abandon(lease)
                 logger.error("job_task_failed", extra={"event": "job_task_failed", "queue": lease.queue.name, "msg_id": lease.msg_id, "error": repr(finished.exception())})
 
         task.add_done_callback(done)

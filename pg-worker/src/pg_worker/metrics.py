@@ -38,7 +38,7 @@ DB_OPERATIONS = (
 # What finds a lease lost: a fenced write that matched nothing, or the lease's own clock. ``start``: a job read
 # but still waiting to start (for a thread, behind a suspect) whose lease had ended: dropped without running.
 LEASE_OPERATIONS = ("ack", "retry", "dead_letter", "hand_back", "renew_lease", "mark_solo", "lease_clock", "start")
-REJECT_REASONS = ("not_an_object", "invalid_type", "unknown_type", "invalid_payload")
+REJECT_REASONS = ("not_an_object", "invalid_type", "unknown_type", "invalid_payload", "read_ct_exhausted")
 WORKER_ERROR_TYPES = ("JobTimeout", "PermanentFailure")
 
 
