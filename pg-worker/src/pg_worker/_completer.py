@@ -79,6 +79,16 @@ class Unwritten:
     params: dict[str, Any]
     delay: float | None  # a retry's delay: the fetch loop sets its timer once it is written
     failures: int = 1
+    at: float = field(default_factory=time.monotonic)  # when the outcome was due
+
+    def current_params(self) -> dict[str, Any]:
+        """A retry written late keeps its due time: the delay counts from the failure, not from the write."""
+        if self.delay is None:
+            return self.params
+        return {**self.params, "delay": self.remaining_delay()}
+
+    def remaining_delay(self) -> float:
+        return max(0.0, (self.delay or 0.0) - (time.monotonic() - self.at))
 
 
 class Completer:
@@ -222,7 +232,7 @@ class Completer:
         while self.unwritten:
             item = self.unwritten[0]
             try:
-                rows = await self._db.fetchall(item.query, item.params)
+                rows = await self._db.fetchall(item.query, item.current_params())
             except psycopg.errors.UndefinedTable as exc:
                 # Its dead-letter queue is gone: give this write up; the message comes back after its lease
                 # and its next dead-letter move creates the queue again.
@@ -247,7 +257,7 @@ class Completer:
                 extra={"event": "outcome_written_late", "operation": item.operation, "queue": lease.queue.name, "msg_id": lease.msg_id, "attempt": lease.read_ct, "failures": item.failures},
             )
             if item.delay is not None and self._on_retry is not None:
-                self._on_retry(lease.queue.name, item.delay)
+                self._on_retry(lease.queue.name, item.remaining_delay())
         return True
 
     async def retry(self, lease: Lease, delay: float) -> bool | None:

@@ -13,8 +13,9 @@ import pytest
 
 import pg_worker
 from apps import slow_app
+from conftest import PgServer
 from helpers import RecordingObserver, expire, read_one, running_worker, wait_until
-from pg_worker import App, Job, Outcome, PollSchedule, Producer
+from pg_worker import App, Job, Outcome, PollSchedule, Producer, RetryPolicy
 from test_resilience import WorkerProcess
 
 TEN_MINUTES = PollSchedule(interval=600)
@@ -112,3 +113,47 @@ async def test_a_suspect_runs_while_other_jobs_on_every_queue_go_on(db_url: str,
     assert latency < 1.0, f"ordinary jobs waited {latency:.2f}s for the suspect"
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
         assert await (await conn.execute("SELECT count(*) FROM pgmq.q_jobs")).fetchone() == (0,)
+
+
+async def test_outcomes_written_during_a_postgres_restart_are_kept_and_every_job_runs_again_within_its_backoff(
+    pg_server: PgServer, db_url: str, producer: Producer
+) -> None:
+    delay = 1.0
+    app = App()
+    app.queue("jobs", visibility_timeout=15, retry=RetryPolicy(max_attempts=5, base_delay=delay, max_delay=delay))
+    starts: dict[tuple[int, int], float] = {}
+    database_down = asyncio.Event()
+
+    @app.handler("jobs")
+    async def handle(job: Job[dict[str, Any]]) -> None:
+        starts[(job.msg_id, job.attempt)] = time.monotonic()
+        if job.attempt == 1:
+            await database_down.wait()  # finish (fail or succeed) while the database is down
+            if job.payload["fail"]:
+                raise ConnectionError("router unreachable")
+
+    await pg_worker.install(db_url, ["jobs"])
+    observer = RecordingObserver()
+    # pool_timeout=1: a write waits at most 1 s for a connection, so the outcomes fail while the database is down.
+    async with running_worker(app, db_url, observer, poll=TEN_MINUTES, pool_timeout=1.0, worker_id="a"):
+        failing = [producer.enqueue("jobs", {"fail": True}) for _ in range(3)]
+        succeeding = [producer.enqueue("jobs", {"fail": False}) for _ in range(3)]
+        producer.close()
+        await wait_until(lambda: len(starts) == 6, what="six jobs running")
+        await asyncio.to_thread(pg_server.pg_ctl, "stop", "-m", "fast", "-w")
+        database_down.set()
+        await asyncio.sleep(2.0)
+        socket_dir = pg_server.handle.get_postmaster_info().socket_dir
+        await asyncio.to_thread(pg_server.pg_ctl, "start", "-w", "-o", f"-h '' -k {socket_dir}", "-l", str(pg_server.handle.log))
+        back = time.monotonic()
+        await wait_until(lambda: all((m, 2) in starts for m in failing), limit=20, what="the failed jobs' second runs")
+        await wait_until(lambda: _queue_empty(db_url), limit=10, what="every job acknowledged")
+    late = {m: round(starts[(m, 2)] - back, 2) for m in failing}
+    assert all(t <= delay + 1.0 for t in late.values()), f"second runs, seconds after the database was back: {late}"
+    assert not [key for key in starts if key[0] in succeeding and key[1] > 1], "a success is not run again"
+    assert "retry" in observer.db_errors, observer.db_errors
+
+
+async def _queue_empty(url: str) -> bool:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        return await (await conn.execute("SELECT count(*) FROM pgmq.q_jobs")).fetchone() == (0,)
