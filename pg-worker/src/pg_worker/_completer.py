@@ -100,6 +100,9 @@ class Completer:
         self.acks = {name: QueueAcks(config) for name, config in queues.items()}
         self.unwritten: list[Unwritten] = []
         self._on_retry = on_retry
+        # Told whether each acknowledgement matched (True), found the lease lost (False) or could not be sent
+        # at all before shutdown (None): a job counts as succeeded only once its acknowledgement is on record.
+        self.on_acked: Callable[[Lease, bool | None], None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
 
@@ -124,10 +127,14 @@ class Completer:
             self._wake.set()
 
     def confirmed(self, leases: list[Lease], matched: set[int], operation: str = "ack") -> None:
+        on_acked = self.on_acked if operation == "ack" else None
         for lease in leases:
             self._leases.release(lease)
-            if lease.msg_id not in matched:
+            held = lease.msg_id in matched
+            if not held:
                 self._leases.lose(lease, "taken", operation)
+            if on_acked is not None:
+                on_acked(lease, held)
 
     async def run(self) -> None:
         """Acknowledge finished messages in batches: one statement per queue per round."""
@@ -186,6 +193,10 @@ class Completer:
                 lost = sum(len(acks.pending) for acks in self.acks.values())
                 if lost:
                     logger.error("acks_unsent", extra={"event": "acks_unsent", "messages": lost, "note": "they will run again after their visibility timeout"})
+                    if self.on_acked is not None:
+                        for acks in self.acks.values():
+                            for lease in acks.pending:
+                                self.on_acked(lease, None)
                 if self.unwritten:
                     logger.error(
                         "outcomes_unwritten",

@@ -226,8 +226,22 @@ class Executor:
         if not lease.held:
             self._finish(job, Outcome.LEASE_LOST, started, None, handler, why=lease.lost)
             return
+        # Counted by acked() once the acknowledgement is confirmed (it may find the lease lost after all).
+        lease.done = (job, handler, time.perf_counter() - started)
         self._completer.ack(lease)
-        self._finish(job, Outcome.SUCCEEDED, started, None, handler)
+
+    def acked(self, lease: Lease, held: bool | None) -> None:
+        """The acknowledgement of a job that succeeded was written (True), matched nothing (False: another
+        worker has its message; its loss is logged), or could not be sent before shutdown (None)."""
+        job, handler, duration = lease.done
+        lease.done = None
+        started = time.perf_counter() - duration  # the handler's own run time, not the wait for the database
+        if held:
+            self._finish(job, Outcome.SUCCEEDED, started, None, handler)
+        elif held is False:
+            self._finish(job, Outcome.LEASE_LOST, started, None, handler, why=lease.lost, operation="ack")
+        else:
+            self._finish(job, Outcome.FAILED, started, None, handler, note="succeeded, but its acknowledgement could not be written: it runs again")
 
     async def _run_async(self, lease: Lease, job: Job[Any], handler: Handler) -> None:
         deadline = asyncio.timeout(lease.queue.job_timeout)

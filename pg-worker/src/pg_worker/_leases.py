@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import _sql
 from ._app import QueueConfig
@@ -37,6 +38,7 @@ class Lease:
     renew_at: float
     lost: str | None = None  # why the lease is gone ("expired", "taken"), None while held
     closing: bool = False  # its outcome is being written: a renewal that misses it raced with that write
+    done: Any = None  # what the executor needs to count the job once its acknowledgement is confirmed
     on_lost: Callable[[Lease], None] | None = None
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 

@@ -28,7 +28,7 @@ from ._events import ObserverGroup, WakeupSource, WorkerObserver
 from ._executor import Executor, JobTimeout
 from ._fetcher import Fetchers, QueueFetcher
 from ._install import SetupError, check_setup, install
-from ._leases import Lease, LeaseKeeper
+from ._leases import EXPIRY_MARGIN_MAX, Lease, LeaseKeeper
 from ._listener import Listener
 from ._slots import Slots
 
@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 
 T = TypeVar("T")
+
+HEARTBEAT = 0.25
+# The event loop blocked longer than this (or than the shortest lease margin) is logged and counted.
+LOOP_BLOCKED_BOUND = 0.5
 
 # The server's own word that this database can never work as configured: retrying cannot help.
 _PERMANENT_SQLSTATES = {"3D000", "28000", "28P01"}  # no such database; role / authorization; bad password
@@ -137,6 +141,7 @@ class Worker:
         self._executor = executor = Executor(
             self.app, leases, completer, self.observers, self.health, threads, on_retry=lambda queue, delay: fetch_states[queue].retry_scheduled(delay)
         )
+        completer.on_acked = executor.acked
         self._fetchers = fetchers = Fetchers(self.config, fetch_states, db, slots, leases, completer, self.observers, stop, self._start_job)
         try:
             if not await self._start_up(db):
@@ -329,10 +334,26 @@ class Worker:
         logger.info("worker_stopped", extra={"event": "worker_stopped", "worker_id": self.config.worker_id})
 
     async def _heartbeat(self) -> None:
-        """Proves to the liveness probe (another thread) that this event loop is not blocked. No I/O."""
+        """Proves to the liveness probe (another thread) that this event loop is not blocked, and says so when it
+        was: a handler that blocks the loop also blocks the lease clock, so its message may run elsewhere
+        meanwhile (docs/delivery.md). No I/O."""
+        # Past the lease margin, a blocked loop can outlast a lease before its timer gets to stop the job.
+        bound = min([LOOP_BLOCKED_BOUND, *(min(EXPIRY_MARGIN_MAX, q.visibility_timeout * 0.1) for q in self.app.queues.values())])
         while True:
-            self.health.last_tick = time.monotonic()
-            await asyncio.sleep(1.0)
+            before = self.health.last_tick = time.monotonic()
+            await asyncio.sleep(HEARTBEAT)
+            blocked = time.monotonic() - before - HEARTBEAT
+            if blocked > bound:
+                self.observers.event_loop_blocked(blocked)
+                logger.warning(
+                    "event_loop_blocked",
+                    extra={
+                        "event": "event_loop_blocked",
+                        "blocked_s": round(blocked, 3),
+                        "bound_s": round(bound, 3),
+                        "note": "a handler blocked the event loop (blocking I/O or CPU work in an async def?): leases cannot be renewed meanwhile; run it in a thread",
+                    },
+                )
 
     # -- wakeups --------------------------------------------------------------------------------------------
 

@@ -70,6 +70,9 @@ class WorkerMetrics(WorkerObserver):
         self.leases_lost = Counter(
             "pg_worker_leases_lost", "Held deliveries found not to be ours any more, by what found it.", ["queue", "operation"], registry=r
         )
+        self.loop_blocked = Counter(
+            "pg_worker_event_loop_blocked", "Times the event loop was blocked past the bound (a handler doing blocking work on it).", registry=r
+        )
         self.last_notification = Gauge(
             "pg_worker_last_notification_age_seconds", "Seconds since the last NOTIFY arrived (-1: none yet).", registry=r
         )
@@ -135,6 +138,9 @@ class WorkerMetrics(WorkerObserver):
 
     def lease_lost(self, queue: str, msg_id: int, operation: str) -> None:
         self._child(self.leases_lost, queue, operation).inc()
+
+    def event_loop_blocked(self, seconds: float) -> None:
+        self.loop_blocked.inc()
 
 
 class QueueStatsCollector(Collector):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -157,3 +158,108 @@ async def test_outcomes_written_during_a_postgres_restart_are_kept_and_every_job
 async def _queue_empty(url: str) -> bool:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         return await (await conn.execute("SELECT count(*) FROM pgmq.q_jobs")).fetchone() == (0,)
+
+
+async def test_a_message_whose_lease_this_worker_lost_runs_again_at_the_leases_end_not_at_the_poll(db_url: str, producer: Producer) -> None:
+    app = App()
+    app.queue("slow", visibility_timeout=2)
+    starts: list[float] = []
+
+    @app.handler("slow")
+    async def handle(job: Job[dict[str, Any]]) -> None:
+        starts.append(time.monotonic())
+        if job.attempt == 1:
+            await asyncio.sleep(30)  # stopped when its lease is lost
+
+    await pg_worker.install(db_url, ["slow"])
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute(FAIL_RENEWALS)
+    observer = RecordingObserver()
+    url_a = db_url + ("&" if "?" in db_url else "?") + "application_name=worker-a"
+    async with running_worker(app, url_a, observer, poll=TEN_MINUTES, worker_id="a"):
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            await conn.execute("INSERT INTO fail_renewals VALUES ('worker-a')")
+            producer.enqueue("slow", {})
+            await wait_until(lambda: observer.outcomes(Outcome.LEASE_LOST), limit=5, what="the lease lost")
+            lost_at = time.monotonic()
+            await conn.execute("DELETE FROM fail_renewals")
+        await wait_until(lambda: len(starts) == 2, limit=10, what="the second run")
+    assert starts[1] - lost_at < 1.5, f"ran again {starts[1] - lost_at:.2f}s after the lease was lost (its end is <= 0.2 s later)"
+
+
+async def test_a_renewal_that_meets_a_retry_neither_overwrites_its_delay_nor_reports_a_lost_lease(db_url: str, producer: Producer) -> None:
+    app = App()
+    app.queue("jobs", visibility_timeout=4, retry=RetryPolicy(max_attempts=3, base_delay=0.2, max_delay=0.2))
+    starts: list[float] = []
+    locked = asyncio.Event()
+
+    @app.handler("jobs")
+    async def handle(job: Job[dict[str, Any]]) -> None:
+        starts.append(time.monotonic())
+        if job.attempt == 1:
+            await locked.wait()
+            raise ConnectionError("router busy")
+
+    await pg_worker.install(db_url, ["jobs"])
+    observer = RecordingObserver()
+    async with running_worker(app, db_url, observer, poll=TEN_MINUTES, worker_id="a"):
+        msg_id = producer.enqueue("jobs", {})
+        await wait_until(lambda: starts, what="first run")
+        async with await psycopg.AsyncConnection.connect(db_url) as locker:
+            # Hold the row: the retry write queues for it first, then the renewal (due at 2 s) queues behind it.
+            await locker.execute("SELECT 1 FROM pgmq.q_jobs WHERE msg_id = %s FOR UPDATE", (msg_id,))
+            locked.set()
+            await wait_until(lambda: _waiting_on_the_row(db_url, 2), limit=5, what="retry and renewal both waiting")
+            await locker.rollback()
+        unlocked = time.monotonic()
+        await wait_until(lambda: len(starts) == 2, limit=10, what="the retry")
+        await asyncio.sleep(0.3)
+    assert starts[1] - unlocked < 1.2, f"the retry's 0.2 s delay became {starts[1] - unlocked:.2f}s"
+    assert observer.leases_lost == [], "no lease was lost"
+
+
+async def _waiting_on_the_row(url: str, count: int) -> bool:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        row = await (
+            await conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
+        ).fetchone()
+        return row is not None and row[0] >= count
+
+
+async def test_a_job_counts_as_succeeded_only_once_its_acknowledgement_matched(db_url: str, producer: Producer) -> None:
+    app = App()
+    app.queue("jobs", visibility_timeout=20)
+    release = asyncio.Event()
+
+    @app.handler("jobs")
+    async def handle(job: Job[dict[str, Any]]) -> None:
+        await release.wait()
+
+    await pg_worker.install(db_url, ["jobs"])
+    observer = RecordingObserver()
+    async with running_worker(app, db_url, observer, poll=TEN_MINUTES, worker_id="a"):
+        producer.enqueue("jobs", {})
+        await wait_until(lambda: observer.started, what="the job runs")
+        await expire(db_url, "jobs")
+        await read_one(db_url, "jobs", vt=300)  # another worker has the message now; A has not noticed yet
+        release.set()
+        await wait_until(lambda: observer.finished, limit=5, what="the job counted")
+        await asyncio.sleep(0.2)
+    assert [f.outcome for f in observer.finished] == [Outcome.LEASE_LOST], "its acknowledgement matched nothing"
+    assert [op for _, _, op in observer.leases_lost] == ["ack"]
+
+
+async def test_an_async_handler_that_blocks_the_event_loop_is_reported(db_url: str, producer: Producer, caplog: pytest.LogCaptureFixture) -> None:
+    app = App()
+
+    @app.handler("jobs")
+    async def handle(job: Job[dict[str, Any]]) -> None:
+        time.sleep(1.5)  # noqa: ASYNC251 - the point: blocking work in an async handler
+
+    await pg_worker.install(db_url, ["jobs"])
+    caplog.set_level(logging.WARNING, logger="pg_worker")
+    async with running_worker(app, db_url, RecordingObserver(), poll=TEN_MINUTES):
+        producer.enqueue("jobs", {})
+        await wait_until(lambda: [r for r in caplog.records if getattr(r, "event", "") == "event_loop_blocked"], limit=10, what="the warning")
+    [record] = [r for r in caplog.records if getattr(r, "event", "") == "event_loop_blocked"]
+    assert record.blocked_s > 1.0
