@@ -18,6 +18,7 @@ Benchmark = Callable[..., list[Row]]
 
 def _registry() -> dict[str, Benchmark]:
     from . import bench_drain, bench_idle, bench_latency, bench_peers, bench_producers, bench_scale, bench_webhook
+    from .bench_suspects import run as suspects
 
     return {
         "drain": bench_drain.run,
@@ -27,6 +28,7 @@ def _registry() -> dict[str, Benchmark]:
         "peers": bench_peers.run,
         "idle": bench_idle.run,
         "webhook": bench_webhook.run,
+        "suspects": suspects,
     }
 
 
