@@ -128,7 +128,7 @@ class Worker:
             stop.set()
         queues = self.app.queues
         self._db = db = Database(self.conninfo, self.config, self.observers, self.health, max_size=len(queues) + 3)
-        self._slots = slots = Slots(self.config.concurrency)
+        self._slots = slots = Slots(self._capacity())
         # Reads default to half the concurrency, so one batch runs while the next is being read.
         default_batch = max(1, min(100, self.config.concurrency // 2))
         fetch_states = {name: QueueFetcher(cfg, cfg.batch_size or default_batch) for name, cfg in queues.items()}
@@ -150,6 +150,14 @@ class Worker:
         finally:
             threads.shutdown(wait=False, cancel_futures=True)
             await db.close()
+
+    def _capacity(self) -> int:
+        """How many jobs may be read at once. With sync handlers only, no more than there are threads: a job
+        read before a thread is free would wait holding its lease, which another worker could use meanwhile."""
+        handlers = [h for by_type in self.app._handlers.values() for h in by_type.values()]
+        if handlers and not any(h.is_async for h in handlers):
+            return min(self.config.concurrency, self.config.thread_pool_size)
+        return self.config.concurrency
 
     def _start_job(self, lease: Lease, row: Row) -> None:
         assert self._executor is not None and self._slots is not None and self._leases is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,6 @@ import psycopg
 import pytest
 
 import pg_worker
-from apps import slow_app
 from conftest import PgServer
 from helpers import RecordingObserver, expire, read_one, running_worker, wait_until
 from pg_worker import App, Job, Outcome, PollSchedule, Producer, RetryPolicy
@@ -40,11 +40,13 @@ def _started(work_dir: Path, msg_id: int) -> list[str]:
     return sorted(p.name for p in work_dir.glob(f"started-{msg_id}-*"))
 
 
+def _booted(work_dir: Path) -> bool:
+    return '"event": "worker_started"' in (work_dir / "worker.log").read_text()
+
+
 async def test_a_job_waiting_for_a_thread_is_not_started_after_its_lease_ended(
-    db_url: str, tmp_path: Path, producer: Producer, monkeypatch: pytest.MonkeyPatch
+    db_url: str, tmp_path: Path, producer: Producer
 ) -> None:
-    monkeypatch.setenv("PGW_TEST_DIR", str(tmp_path))
-    monkeypatch.setenv("PGW_TEST_VT", "2")
     await pg_worker.install(db_url, ["slow"])
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
         await conn.execute(FAIL_RENEWALS)
@@ -52,32 +54,78 @@ async def test_a_job_waiting_for_a_thread_is_not_started_after_its_lease_ended(
     victim = producer.enqueue("slow", {"seconds": 0})
     observer = RecordingObserver()
     url_a = db_url + ("&" if "?" in db_url else "?") + "application_name=worker-a"
-    # Worker A: one thread, so the victim waits in the pool's queue behind the 6 s job. (Poll-only: a busy
+    release = threading.Event()
+    app = App()
+    app.queue("slow", visibility_timeout=2)
+
+    @app.handler("slow")
+    def handle(job: Job[dict[str, Any]]) -> None:
+        (tmp_path / f"started-{job.msg_id}-{job.attempt}-{os.getpid()}").write_text("")
+        if job.payload["seconds"]:
+            release.wait(60)  # the long job: until the test lets it end
+
+    app.add_handler("slow", _async_noop, type="async")  # an app not only of sync handlers reads past its threads
+    b: WorkerProcess | None = None
+    # Worker A: one thread, so the victim waits in the pool's queue behind the long job. (Poll-only: a busy
     # worker never marks itself as waiting, which running_worker would wait for.)
-    async with running_worker(slow_app(), url_a, observer, poll=TEN_MINUTES, listen=False, concurrency=2, sync_threads=1, worker_id="a"):
-        await wait_until(lambda: _started(tmp_path, blocker), what="the 6 s job started in A")
-        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
-            await conn.execute("INSERT INTO fail_renewals VALUES ('worker-a')")
-            failing_since = time.monotonic()
+    try:
+        async with running_worker(app, url_a, observer, poll=TEN_MINUTES, listen=False, concurrency=2, sync_threads=1, worker_id="a"):
+            await wait_until(lambda: _started(tmp_path, blocker), what="the long job started in A")
             b = WorkerProcess(db_url, tmp_path, PG_WORKER_WORKER_ID="b", PGW_TEST_VT="2")
-            try:
+            await wait_until(lambda: _booted(tmp_path), limit=60, interval=0.05, what="worker B started")
+            async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+                await conn.execute("INSERT INTO fail_renewals VALUES ('worker-a')")
+                failing_since = time.monotonic()
                 # B reads both messages once A's leases have run out, and runs the victim at once.
-                await wait_until(lambda: len(_started(tmp_path, victim)) >= 1, limit=15, what="the victim runs in B")
+                await wait_until(lambda: len(_started(tmp_path, victim)) >= 1, limit=30, what="the victim runs in B")
                 await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - failing_since)))
                 await conn.execute("DELETE FROM fail_renewals")
-                # A's thread is free once the 6 s job returns: the victim must be dropped, not started.
-                await wait_until(
-                    lambda: ("slow", victim, "start") in observer.leases_lost or len(_started(tmp_path, victim)) > 1,
-                    limit=15,
-                    what="A reaches the victim",
-                )
-                await asyncio.sleep(0.3)
-            finally:
-                b.kill()
+            # A's thread is free once the long job returns: the victim must be dropped, not started.
+            release.set()
+            await wait_until(
+                lambda: ("slow", victim, "start") in observer.leases_lost or len(_started(tmp_path, victim)) > 1,
+                limit=15,
+                what="A reaches the victim",
+            )
+            await asyncio.sleep(0.3)
+    finally:
+        release.set()
+        if b is not None:
+            b.kill()
+    assert b is not None
     runs = _started(tmp_path, victim)
     assert len(runs) == 1 and runs[0].endswith(f"-{b.proc.pid}"), f"run once, by B only: {runs}"
     assert ("slow", victim, "start") in observer.leases_lost, observer.leases_lost
     assert str(os.getpid()) not in runs[0]
+
+
+async def _async_noop(job: Job[dict[str, Any]]) -> None:
+    pass
+
+
+async def test_a_worker_of_sync_handlers_reads_no_more_jobs_than_it_has_threads(db_url: str, producer: Producer) -> None:
+    app = App()
+    release = threading.Event()
+
+    def handle(job: Job[dict[str, Any]]) -> None:
+        release.wait(10)
+
+    app.add_handler("jobs", handle)
+    await pg_worker.install(db_url, ["jobs"])
+    for _ in range(4):
+        producer.enqueue("jobs", {})
+    observer = RecordingObserver()
+    try:
+        async with running_worker(app, db_url, observer, poll=TEN_MINUTES, listen=False, concurrency=10, sync_threads=2):
+            await wait_until(lambda: len(observer.started) == 2, what="two jobs running")
+            await asyncio.sleep(0.3)
+            async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+                leased = await (await conn.execute("SELECT count(*) FROM pgmq.q_jobs WHERE read_ct > 0")).fetchone()
+            release.set()
+            await wait_until(lambda: len(observer.outcomes(Outcome.SUCCEEDED)) == 4, what="all done")
+    finally:
+        release.set()
+    assert leased == (2,), "only what two threads can start is read"
 
 
 async def test_a_suspect_runs_while_other_jobs_on_every_queue_go_on(db_url: str, producer: Producer) -> None:
