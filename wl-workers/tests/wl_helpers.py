@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-from pg_worker import AsyncProducer, Worker, WorkerConfig
+from pg_worker import AsyncProducer, Worker, WorkerConfig, testing
 from wl_workers._store import Service, add_device, add_service, get_service
 from wl_workers.actions import action_message
 from wl_workers.app import build_app
@@ -87,16 +87,7 @@ async def running_worker(url: str, settings: WlSettings | None = None) -> AsyncI
 
 
 async def wait_until(predicate: Callable[[], Any], limit: float = 20.0, interval: float = 0.02, what: str = "condition") -> None:
-    deadline = time.monotonic() + limit
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit}s waiting for {what}")
-        await asyncio.sleep(interval)
+    await testing.wait_until(predicate, limit, interval, what=what)
 
 
 def changes(sim: RouterSimulator) -> list[tuple[str, str]]:

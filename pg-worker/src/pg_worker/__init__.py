@@ -1,6 +1,6 @@
 """pg-worker: a PGMQ worker that wakes on LISTEN/NOTIFY, retries, dead-letters and shuts down gracefully."""
 
-from ._app import App, BadMessage, Handler, Job, QueueConfig
+from ._app import App, BadMessage, Handler, Job, QueueConfig, Readiness, WorkerFailure
 from ._config import WorkerConfig
 from ._database import redact_url, resolve_database_url, start_embedded
 from ._events import ObserverGroup, Outcome, WakeupSource, WorkerObserver
@@ -31,6 +31,7 @@ __all__ = [
     "PollWindow",
     "Producer",
     "QueueConfig",
+    "Readiness",
     "RetryLater",
     "RetryPolicy",
     "SetupError",
@@ -38,6 +39,7 @@ __all__ = [
     "Worker",
     "WorkerConfig",
     "WorkerCrashed",
+    "WorkerFailure",
     "WorkerHealth",
     "WorkerObserver",
     "check_setup",

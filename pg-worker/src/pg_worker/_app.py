@@ -4,20 +4,50 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+import types
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import pydantic
 
 from ._names import validate_queue_name
 from ._retry import RetryPolicy
 
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
 P = TypeVar("P")
 
 HandlerFunc = Callable[["Job[Any]"], Awaitable[None] | None]
-ReadinessCheck = Callable[[], Awaitable[bool] | bool]
+LifespanFunc = Callable[["App"], AsyncIterator[None]]
+BackgroundTaskFunc = Callable[["App"], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """What a readiness check may return instead of a bare ``bool``: ``reason`` is shown in ``/readyz``'s JSON
+    and logged when it changes (so keep it stable: no timings that differ on every probe)."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+ReadinessCheck = Callable[[], Awaitable[bool | Readiness] | bool | Readiness]
+
+
+class WorkerFailure(Exception):
+    """The worker cannot go on: raised by a readiness check, a lifespan or a background task.
+
+    The worker stops gracefully (running jobs finish within the grace period, the rest are handed back), logs
+    the reason, and ``Worker.run()`` then raises this exception (``pg-worker run`` exits with status 1), so
+    that a supervisor restarts it. :meth:`Worker.stop` with ``failure=`` does the same from code.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +139,42 @@ class Handler:
             raise BadMessage("invalid_payload", _short_validation_error(exc)) from exc
 
 
+def _unwrap(func: Any) -> Any:
+    """The function a handler really calls: through partials, and to ``__call__`` of an object."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    if not (inspect.isfunction(func) or inspect.ismethod(func)) and callable(func) and not isinstance(func, type):
+        func = getattr(type(func), "__call__", func)  # noqa: B004 - the type's __call__, not callable()
+    return func
+
+
+def _refuse_results(handler: Any) -> None:
+    """Refuse at registration a handler that says it returns something: a handler's return value is ignored
+    (success is returning, failure is raising), so ``-> bool`` meant as "False = failed" would be taken for a
+    success. A generator function is refused too: its body would never run."""
+    func = _unwrap(handler)
+    name = _callable_name(handler)
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise TypeError(f"handler {name} is a generator function: calling it would not run its body")
+    try:
+        declared = typing.get_type_hints(func).get("return", None)
+    except Exception:  # noqa: BLE001 - annotations we cannot resolve (a name only known to type checkers): not judged
+        return
+    origin = typing.get_origin(declared) or declared
+    if declared is None or declared is type(None) or not isinstance(origin, type) or origin is object:
+        return  # None, nothing declared, Any, a union or an unresolvable form: nothing to refuse
+    if not inspect.iscoroutinefunction(func) and issubclass(origin, Awaitable):
+        return  # a plain function that returns the coroutine doing the work
+    raise TypeError(
+        f"handler {name} declares it returns {getattr(declared, '__name__', declared)}; a handler's return value is "
+        "ignored: return None for success and raise to fail (RetryLater, PermanentFailure or any exception)"
+    )
+
+
+def _callable_name(func: Any) -> str:
+    return str(getattr(func, "__qualname__", None) or repr(func))
+
+
 def _short_validation_error(exc: pydantic.ValidationError) -> str:
     parts = [f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()[:5]]
     more = exc.error_count() - len(parts)
@@ -127,6 +193,11 @@ class App:
         self._queues: dict[str, QueueConfig] = {}
         self._handlers: dict[str, dict[str | None, Handler]] = {}
         self._readiness_checks: list[tuple[str, ReadinessCheck]] = []
+        self._lifespans: list[LifespanFunc] = []
+        self._background_tasks: dict[str, BackgroundTaskFunc] = {}
+        self._collectors: list[Collector] = []
+        #: Shared resources a lifespan opens (pools, clients) for handlers and background tasks to use.
+        self.state = types.SimpleNamespace()
 
     # -- queues --------------------------------------------------------------------------------------------
 
@@ -164,6 +235,7 @@ class App:
             raise ValueError(f"queue {queue!r} already has a handler for {what}: {by_type[type].name}")
         if not callable(func):
             raise TypeError("handler must be callable")
+        _refuse_results(func)
         handler = Handler(queue=queue, func=func, job_type=type, schema=schema)
         by_type[type] = handler
         return handler
@@ -210,6 +282,57 @@ class App:
     @property
     def readiness_checks(self) -> list[tuple[str, ReadinessCheck]]:
         return list(self._readiness_checks)
+
+    # -- process resources -----------------------------------------------------------------------------------
+
+    def lifespan(self, func: LifespanFunc) -> LifespanFunc:
+        """Decorator: an async generator ``async def res(app: App)`` with one ``yield``, run once per worker run.
+
+        The part before ``yield`` runs after the worker reached its database and before the first job (open a
+        pool, put it on ``app.state``); the part after it runs after the last job finished or was handed back,
+        and after the background tasks ended. Several lifespans are entered in the order registered and exited
+        in reverse. A failure before ``yield`` ends the run before any job with :class:`WorkerFailure`.
+        """
+        if not inspect.isasyncgenfunction(func):
+            raise TypeError(f"lifespan {_callable_name(func)} must be an async generator function (async def with one yield)")
+        self._lifespans.append(func)
+        return func
+
+    @property
+    def lifespans(self) -> list[LifespanFunc]:
+        return list(self._lifespans)
+
+    def background_task(self, name: str) -> Callable[[BackgroundTaskFunc], BackgroundTaskFunc]:
+        """Decorator: ``async def task(app: App) -> None`` runs beside the jobs for the worker's life.
+
+        It starts after the lifespans were entered, and is cancelled when the worker stops (before the jobs'
+        grace period ends). Returning ends only the task. Raising (anything but ``CancelledError``; a
+        :class:`WorkerFailure` says why) stops the worker gracefully with a failure.
+        """
+
+        def register(func: BackgroundTaskFunc) -> BackgroundTaskFunc:
+            if name in self._background_tasks:
+                raise ValueError(f"background task {name!r} is already registered")
+            if not callable(func):
+                raise TypeError("background task must be callable")
+            self._background_tasks[name] = func
+            return func
+
+        return register
+
+    @property
+    def background_tasks(self) -> dict[str, BackgroundTaskFunc]:
+        return dict(self._background_tasks)
+
+    def add_collector(self, collector: Collector) -> None:
+        """Serve a Prometheus collector (a metric, or a custom ``Collector``) in the worker's ``/metrics``."""
+        if not callable(getattr(collector, "collect", None)):
+            raise TypeError(f"{collector!r} is not a Prometheus collector (it has no collect())")
+        self._collectors.append(collector)
+
+    @property
+    def collectors(self) -> list[Collector]:
+        return list(self._collectors)
 
     def validate(self) -> None:
         """Refuse to start a worker that would read messages no handler can take."""

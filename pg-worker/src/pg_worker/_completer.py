@@ -271,9 +271,10 @@ class Completer:
                 self._on_retry(lease.queue.name, item.remaining_delay())
         return True
 
-    async def retry(self, lease: Lease, delay: float) -> bool | None:
+    async def retry(self, lease: Lease, delay: float, *, count_attempt: bool = True) -> bool | None:
+        query = _sql.retry_later(lease.queue.name, count_attempt=count_attempt)
         params = {"msg_id": lease.msg_id, "read_ct": lease.read_ct, "delay": delay}
-        return await self._fenced("retry", lease, _sql.retry_later(lease.queue.name), params, delay=delay)
+        return await self._fenced("retry", lease, query, params, delay=delay)
 
     async def dead_letter(self, lease: Lease, error: dict[str, Any]) -> bool | None:
         queue = lease.queue.name
@@ -325,17 +326,21 @@ class Completer:
             return False
         return True
 
-    async def hand_back(self, leases: list[Lease]) -> None:
-        """Make interrupted deliveries visible again at once (at shutdown); they do not count as attempts."""
+    async def hand_back(self, leases: list[Lease], *, abandoned: bool = False) -> None:
+        """Make interrupted deliveries visible again at once (at shutdown); they do not count as attempts.
+
+        ``abandoned``: deliveries whose sync thread is still running; they stay leased (see ``_sql.hand_back``).
+        """
         by_queue: dict[str, list[Lease]] = {}
         for lease in leases:
             if lease.held:
                 by_queue.setdefault(lease.queue.name, []).append(lease)
         for queue, held in by_queue.items():
             try:
-                rows = await self._db.fetchall(_sql.hand_back(queue), fence_params(held))
+                rows = await self._db.fetchall(_sql.hand_back(queue, keep_vt=abandoned), fence_params(held))
             except DB_ERRORS as exc:
                 self._db.failed("hand_back", exc, queue=queue, msg_ids=[lease.msg_id for lease in held])
                 continue
             self.confirmed(held, {row[0] for row in rows}, "hand_back")
-            logger.info("jobs_handed_back", extra={"event": "jobs_handed_back", "queue": queue, "msg_ids": sorted(row[0] for row in rows)})
+            event = "jobs_abandoned" if abandoned else "jobs_handed_back"
+            logger.info(event, extra={"event": event, "queue": queue, "msg_ids": sorted(row[0] for row in rows)})

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 class Outcome(StrEnum):
     SUCCEEDED = "succeeded"
     RETRIED = "retried"
+    DEFERRED = "deferred"  # RetryLater(count_attempt=False): runs again later, no attempt used
     DEAD_LETTERED = "dead_lettered"
     INTERRUPTED = "interrupted"  # handed back at shutdown
     FAILED = "failed"  # failed, and recording the retry or dead-letter move failed too (database down)

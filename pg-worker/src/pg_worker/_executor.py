@@ -20,6 +20,7 @@ import inspect
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -30,7 +31,7 @@ from ._completer import Completer, error_info
 from ._db import WorkerHealth
 from ._events import Outcome, WorkerObserver
 from ._leases import Lease, LeaseKeeper
-from ._retry import PermanentFailure
+from ._retry import PermanentFailure, RetryLater
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ _OUTCOME_LEVELS = {
     Outcome.SUCCEEDED: logging.DEBUG,
     Outcome.INTERRUPTED: logging.INFO,
     Outcome.RETRIED: logging.WARNING,
+    Outcome.DEFERRED: logging.INFO,  # asked for by the handler (a busy resource): not a failure
     Outcome.FAILED: logging.ERROR,
     Outcome.DEAD_LETTERED: logging.ERROR,
     Outcome.LEASE_LOST: logging.WARNING,
@@ -54,8 +56,8 @@ class JobTimeout(Exception):
 
 
 class HandlerReturnedValue(PermanentFailure, TypeError):
-    """A handler returned something that is neither ``None`` nor awaitable: a programming error that trying
-    again cannot mend, so the message goes to the dead-letter queue (to be replayed once the code is fixed)."""
+    """A handler returned a generator: its body never ran, a programming error that trying again cannot mend,
+    so the message goes to the dead-letter queue (to be replayed once the code is fixed)."""
 
 
 class Interrupted(Exception):
@@ -117,6 +119,7 @@ class Executor:
         self.sync_running = 0
         self.shutting_down = False
         self.interrupted: list[Lease] = []
+        self.abandoned: list[Lease] = []  # interrupted by shutdown while their sync thread still ran
 
     async def run(self, lease: Lease, enqueued_at: Any, message: Any, headers: Any) -> None:
         queue = lease.queue.name
@@ -210,8 +213,7 @@ class Executor:
             self._not_started(lease, job)
             return
         except Interrupted as exc:
-            if not exc.abandoned_thread:
-                self.interrupted.append(lease)
+            (self.abandoned if exc.abandoned_thread else self.interrupted).append(lease)
             self._finish(job, Outcome.INTERRUPTED, started, None, handler, **({"note": "sync handler still running: its message stays leased until the visibility timeout"} if exc.abandoned_thread else {}))
             return
         except _LeaseLost:
@@ -244,11 +246,16 @@ class Executor:
             self._finish(job, Outcome.FAILED, started, None, handler, note="succeeded, but its acknowledgement could not be written: it runs again")
 
     async def _run_async(self, lease: Lease, job: Job[Any], handler: Handler) -> None:
-        deadline = asyncio.timeout(lease.queue.job_timeout)
+        func: Any = handler.func
+        await self._on_loop(lease, handler, functools.partial(func, job), lease.queue.job_timeout)
+
+    @staticmethod
+    async def _on_loop(lease: Lease, handler: Handler, call: Callable[[], Any], seconds: float) -> None:
+        """Run ``call`` and await what it returns, cancelled after ``seconds`` (a JobTimeout)."""
+        deadline = asyncio.timeout(seconds)
         try:
             async with deadline:
-                func: Any = handler.func
-                result = func(job)
+                result = call()
                 if inspect.isawaitable(result):
                     result = await result
         except TimeoutError:
@@ -286,6 +293,7 @@ class Executor:
             raise _NotStarted()  # the thread found the lease gone and did not call the handler
         lease.on_lost = None
         self._observers.job_started(job, max(0.0, time.time() - job.enqueued_at.timestamp()))
+        thread_started = time.monotonic()
         timed_out = False
         try:
             try:
@@ -308,9 +316,23 @@ class Executor:
                 raise Interrupted(abandoned_thread=not future.done()) from None
             raise
         if timed_out:
+            _discard(result)
             raise JobTimeout(f"job exceeded job_timeout of {lease.queue.job_timeout:g}s (the thread returned later)")
         if inspect.isawaitable(result):
-            result = await result  # e.g. a lambda that returns a coroutine: run it here, on the loop
+            # A plain callable that returned an awaitable (a lambda around an async function): its work starts
+            # only now, on the loop, and gets what an async handler gets: the rest of the job's timeout, and
+            # cancellation when the lease is lost.
+            if not lease.held:
+                _discard(result)
+                raise _LeaseLost()
+
+            def stop_job(_lease: Lease) -> None:
+                task.cancel("lease lost")
+
+            lease.on_lost = stop_job
+            remaining = lease.queue.job_timeout - (time.monotonic() - thread_started)
+            await self._on_loop(lease, handler, lambda: result, max(remaining, 0.0))
+            return
         _check_result(handler, result)
 
     def _call_sync(self, handler: Handler, job: Job[Any], lease: Lease, loop: asyncio.AbstractEventLoop, started: asyncio.Event) -> Any:
@@ -371,7 +393,8 @@ class Executor:
             reason = "permanent_failure" if isinstance(exc, PermanentFailure) else "max_attempts"
             await self._give_up(lease, job, handler, exc, reason, started)
             return
-        written = await self._completer.retry(lease, delay)
+        deferred = isinstance(exc, RetryLater) and not exc.count_attempt
+        written = await self._completer.retry(lease, delay, count_attempt=not deferred)
         if written is False:
             self._finish(job, Outcome.LEASE_LOST, started, exc, handler, why=lease.lost, operation="retry")
             return
@@ -379,7 +402,7 @@ class Executor:
             self._finish(job, Outcome.FAILED, started, exc, handler, retry_in_s=round(delay, 3))
             return
         self._on_retry(job.queue, delay)
-        self._finish(job, Outcome.RETRIED, started, exc, handler, retry_in_s=round(delay, 3))
+        self._finish(job, Outcome.DEFERRED if deferred else Outcome.RETRIED, started, exc, handler, retry_in_s=round(delay, 3))
 
     async def _give_up(self, lease: Lease, job: Job[Any], handler: Handler, exc: BaseException, reason: str, started: float) -> None:
         written = await self._completer.dead_letter(lease, error_info(exc, reason))
@@ -401,9 +424,26 @@ class Executor:
         )
 
 
+def _discard(result: Any) -> None:
+    """Close a coroutine that will never run (no "never awaited" warning; its ``finally`` blocks run)."""
+    if inspect.iscoroutine(result):
+        result.close()
+
+
+# Handlers already warned about returning a value: once per handler, not once per job.
+_RETURNED_VALUE_WARNED: weakref.WeakSet[Handler] = weakref.WeakSet()
+
+
 def _check_result(handler: Handler, result: Any) -> None:
-    if result is not None:
-        raise HandlerReturnedValue(
-            f"handler {handler.name} returned {type(result).__name__}; a handler must return None or an awaitable "
-            "(was the work it returns ever run?)"
+    """A returned value is ignored: the handler returned, so its work is done (App.add_handler refuses handlers
+    that declare a return value). Only a generator is an error: none of its body ran."""
+    if result is None:
+        return
+    if inspect.isgenerator(result) or inspect.isasyncgen(result):
+        raise HandlerReturnedValue(f"handler {handler.name} returned a {type(result).__name__}: none of its body ran")
+    if handler not in _RETURNED_VALUE_WARNED:
+        _RETURNED_VALUE_WARNED.add(handler)
+        logger.warning(
+            "handler_returned_value",
+            extra={"event": "handler_returned_value", "queue": handler.queue, "handler": handler.name, "type": type(result).__name__, "note": "ignored, the job counts as succeeded; a handler fails by raising (logged once per handler)"},
         )

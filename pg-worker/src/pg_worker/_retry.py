@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,15 +11,20 @@ from dataclasses import dataclass, field
 class RetryLater(Exception):
     """Raised by a handler to have its job tried again after ``delay`` seconds.
 
-    The attempt still counts towards the queue's ``max_attempts``: a device that never comes back must not
-    keep a job alive forever.
+    By default the attempt still counts towards the queue's ``max_attempts``: a device that never comes back
+    must not keep a job alive forever. With ``count_attempt=False`` it does not (a busy resource is not a
+    failure): the job is *deferred*, its attempt number stays the same, and it is never dead-lettered for it,
+    however often it is deferred. Use that only for a condition that is known to pass (a lock held by another
+    job), never for an error.
     """
 
-    def __init__(self, delay: float, reason: str = "") -> None:
-        if delay < 0:
-            raise ValueError("delay must be >= 0")
+    def __init__(self, delay: float, reason: str = "", *, count_attempt: bool = True) -> None:
+        if not (math.isfinite(delay) and delay >= 0):  # NaN or infinity would fail in SQL, after the work
+            raise ValueError("delay must be a finite number >= 0")
         super().__init__(reason or f"retry requested in {delay:g}s")
         self.delay = float(delay)
+        self.reason = reason
+        self.count_attempt = count_attempt
 
 
 class PermanentFailure(Exception):
@@ -57,6 +63,8 @@ class RetryPolicy:
         """Seconds until the next attempt, or ``None`` to give up (dead-letter the job)."""
         if isinstance(error, PermanentFailure):
             return None
+        if isinstance(error, RetryLater) and not error.count_attempt:
+            return error.delay  # a deferral: not an attempt, so never the last one
         if attempt >= self.max_attempts:
             return None
         if isinstance(error, RetryLater):

@@ -143,7 +143,7 @@ def qualified_queue_table(queue: str) -> str:
 
 # Headers pg-worker keeps on a message for itself (never shown to handlers):
 CLOSED_KEY = "x-pg-worker-closed"  # read_ct of the last delivery that ended with a recorded retry or hand-back
-HANDBACKS_KEY = "x-pg-worker-handbacks"  # deliveries given back at shutdown: they do not count as attempts
+HANDBACKS_KEY = "x-pg-worker-handbacks"  # deliveries that are not attempts: given back at shutdown, or deferred
 SOLO_KEY = "x-pg-worker-solo"  # times the message started as the only suspect running (its worker had died under it)
 # Headers that are not a JSON object (pgmq takes any JSON: null, an array, a string) are kept under this key
 # once pg-worker must record something on the message; handlers and the dead-letter queue see them as sent.
@@ -336,20 +336,32 @@ def extend_leases(queue: str) -> sql.Composed:
     ).format(t=sql.Identifier(queue_table(queue)))
 
 
-def retry_later(queue: str) -> sql.Composed:
-    """Make a held message visible again after ``delay`` seconds, recording that this delivery ended cleanly."""
+def retry_later(queue: str, *, count_attempt: bool = True) -> sql.Composed:
+    """Make a held message visible again after ``delay`` seconds, recording that this delivery ended cleanly.
+
+    Without ``count_attempt`` (a deferral) the delivery is also counted with the hand-backs, so that it is not
+    an attempt: ``Job.attempt`` and the ``max_attempts`` limit leave it out.
+    """
+    closed = f"'{CLOSED_KEY}', m.read_ct"
+    if not count_attempt:
+        closed += f", '{HANDBACKS_KEY}', coalesce((m.headers->>'{HANDBACKS_KEY}')::int, 0) + 1"
     return sql.SQL(
         "UPDATE pgmq.{t} m SET vt = clock_timestamp() + make_interval(secs => %(delay)s), headers = "
-        + _merge_headers(f"'{CLOSED_KEY}', m.read_ct")
+        + _merge_headers(closed)
         + " WHERE m.msg_id = %(msg_id)s AND m.read_ct = %(read_ct)s RETURNING m.msg_id"
     ).format(t=sql.Identifier(queue_table(queue)))
 
 
-def hand_back(queue: str) -> sql.Composed:
-    """Make interrupted messages visible at once; the delivery that shutdown cut short is not an attempt."""
+def hand_back(queue: str, *, keep_vt: bool = False) -> sql.Composed:
+    """Make interrupted messages visible at once; the delivery that shutdown cut short is not an attempt.
+
+    ``keep_vt``: for a sync job whose thread shutdown had to abandon (it may still run, so its message stays
+    leased until the visibility timeout): only record that the delivery ended in a graceful shutdown, so its
+    next delivery is neither a poison suspect nor an attempt.
+    """
     handbacks = f"coalesce((m.headers->>'{HANDBACKS_KEY}')::int, 0) + 1"
     return sql.SQL(
-        "UPDATE pgmq.{t} m SET vt = clock_timestamp(), headers = "
+        "UPDATE pgmq.{t} m SET " + ("" if keep_vt else "vt = clock_timestamp(), ") + "headers = "
         + _merge_headers(f"'{CLOSED_KEY}', m.read_ct, '{HANDBACKS_KEY}', {handbacks}")
         + " FROM " + _HELD + " WHERE " + _MATCH_HELD + " RETURNING m.msg_id"
     ).format(t=sql.Identifier(queue_table(queue)))

@@ -13,14 +13,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import AsyncGenerator, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 
 from . import _sql
-from ._app import App
+from ._app import App, LifespanFunc, WorkerFailure, _callable_name
 from ._completer import Completer
 from ._config import WorkerConfig
 from ._db import DB_ERRORS, Database, Row, WorkerHealth, connection_kwargs
@@ -92,8 +92,19 @@ class Worker:
         self._leases: LeaseKeeper | None = None
         self._fetchers: Fetchers | None = None
         self._jobs: set[asyncio.Task[None]] = set()
+        self._background: dict[asyncio.Task[None], str] = {}
+        #: Why the worker stopped with a failure (:meth:`stop`), or None.
+        self.failure: str | None = None
 
     # -- public ---------------------------------------------------------------------------------------------
+
+    def stop(self, failure: str | None = None) -> None:
+        """Begin a graceful shutdown; with ``failure``, :meth:`run` then raises :class:`WorkerFailure` with it
+        (``pg-worker run`` exits with status 1). The first failure given is the one reported."""
+        if failure is not None and self.failure is None:
+            self.failure = failure
+            logger.error("worker_failure", extra={"event": "worker_failure", "worker_id": self.config.worker_id, "reason": failure})
+        self.request_stop()
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown: stop reading, let jobs finish within the grace period, hand back the rest."""
@@ -144,12 +155,50 @@ class Worker:
         completer.on_acked = executor.acked
         self._fetchers = fetchers = Fetchers(self.config, fetch_states, db, slots, leases, completer, self.observers, stop, self._start_job)
         try:
-            if not await self._start_up(db):
-                return
-            await self._supervise(stop_when_idle, leases, completer, executor, fetchers)
+            if await self._start_up(db):
+                async with contextlib.AsyncExitStack() as lifespans:
+                    for func in self.app.lifespans:
+                        if not await self._enter_lifespan(lifespans, func):
+                            break
+                    else:
+                        await self._supervise(stop_when_idle, leases, completer, executor, fetchers)
         finally:
             threads.shutdown(wait=False, cancel_futures=True)
             await db.close()
+        if self.failure is not None:
+            raise WorkerFailure(self.failure)
+
+    async def _enter_lifespan(self, stack: contextlib.AsyncExitStack, func: LifespanFunc) -> bool:
+        """Run a lifespan up to its ``yield`` and schedule the rest for exit; False (and a failure) if it failed."""
+        name = _callable_name(func)
+        gen = cast(AsyncGenerator[None, None], func(self.app))  # App.lifespan accepts async generators only
+        try:
+            await anext(gen)
+        except StopAsyncIteration:
+            self.stop(failure=f"lifespan {name} ended without yielding")
+            return False
+        except WorkerFailure as exc:
+            self.stop(failure=f"lifespan {name}: {exc}")
+            return False
+        except Exception as exc:
+            logger.exception("lifespan_failed", extra={"event": "lifespan_failed", "lifespan": name, "stage": "start"})
+            self.stop(failure=f"lifespan {name} failed at start: {type(exc).__name__}: {exc}")
+            return False
+
+        async def leave() -> None:
+            try:
+                await anext(gen)
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                logger.exception("lifespan_failed", extra={"event": "lifespan_failed", "lifespan": name, "stage": "exit"})
+                self.stop(failure=f"lifespan {name} failed at exit: {type(exc).__name__}: {exc}")
+                return
+            await gen.aclose()
+            self.stop(failure=f"lifespan {name} yielded more than once")
+
+        stack.push_async_callback(leave)
+        return True
 
     def _capacity(self) -> int:
         """How many jobs may be read at once. With sync handlers only, no more than there are threads: a job
@@ -269,6 +318,10 @@ class Worker:
         side[asyncio.create_task(fetchers.run_poll(), name="pg-worker-poll")] = "poller"
         side[asyncio.create_task(self._heartbeat(), name="pg-worker-heartbeat")] = "heartbeat"
         side[asyncio.create_task(leases.run(), name="pg-worker-lease")] = "lease keeper"
+        self._background = {
+            asyncio.create_task(self._background_task(name, func), name=f"pg-worker-task-{name}"): name
+            for name, func in self.app.background_tasks.items()
+        }
         fetch_tasks = {
             asyncio.create_task(fetchers.run_queue(q, stop_when_idle), name=f"pg-worker-fetch-{q.name}"): q.name
             for q in fetchers.queues.values()
@@ -311,6 +364,7 @@ class Worker:
         assert self._slots is not None and self._stop is not None and self._db is not None
         self._stop.set()
         self._slots.close()
+        await self._stop_background()
         for q in fetchers.queues.values():
             q.wake.set()
         await asyncio.wait(list(fetch_tasks), timeout=5.0)
@@ -331,6 +385,8 @@ class Worker:
         await asyncio.wait([ack_task], timeout=10.0)
         await completer.flush(deadline=time.monotonic() + 10.0)
         await completer.hand_back([*executor.interrupted, *fetchers.unstarted])
+        # A graceful stop is not a crash: the next delivery of an abandoned sync job is no poison suspect.
+        await completer.hand_back(executor.abandoned, abandoned=True)
         if self.config.listen:
             try:
                 await self._db.execute(_sql.UNMARK_WORKER, (self.config.worker_id,))
@@ -340,6 +396,27 @@ class Worker:
             task.cancel()
         await asyncio.gather(*fetch_tasks, *side, stop_wait, return_exceptions=True)
         logger.info("worker_stopped", extra={"event": "worker_stopped", "worker_id": self.config.worker_id})
+
+    async def _background_task(self, name: str, func: Any) -> None:
+        """Runs one of the app's background tasks; its failure stops the worker (never a silent death)."""
+        try:
+            await func(self.app)
+        except WorkerFailure as exc:
+            self.stop(failure=f"background task {name}: {exc}")
+        except Exception as exc:
+            logger.exception("background_task_failed", extra={"event": "background_task_failed", "task": name, "error": repr(exc)})
+            self.stop(failure=f"background task {name} failed: {type(exc).__name__}: {exc}")
+        else:
+            logger.info("background_task_finished", extra={"event": "background_task_finished", "task": name})
+
+    async def _stop_background(self) -> None:
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=10.0)
+            for task in pending:
+                logger.error("background_task_stuck", extra={"event": "background_task_stuck", "task": self._background[task], "note": "did not end within 10s of its cancellation"})
 
     async def _heartbeat(self) -> None:
         """Proves to the liveness probe (another thread) that this event loop is not blocked, and says so when it
@@ -412,4 +489,4 @@ async def run_worker(app: App, conninfo: str, config: WorkerConfig | None = None
     return worker
 
 
-__all__ = ["JobTimeout", "Worker", "WorkerCrashed", "WorkerHealth", "run_worker"]
+__all__ = ["JobTimeout", "Worker", "WorkerCrashed", "WorkerFailure", "WorkerHealth", "run_worker"]

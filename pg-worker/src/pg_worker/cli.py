@@ -24,6 +24,7 @@ from rich.live import Live
 from rich.table import Table
 
 from . import admin
+from ._app import WorkerFailure
 from ._database import redact_url, resolve_database_url
 from ._install import SetupError, install
 from ._names import InvalidQueueName, validate_queue_name
@@ -161,7 +162,13 @@ def _console() -> Console:
     return Console(width=PIPED_WIDTH) if piped else Console()
 
 
-async def _serve(worker: Worker, settings: WorkerSettings, embedded: Any = None) -> None:
+async def serve(worker: Worker, settings: WorkerSettings, embedded: Any = None) -> None:
+    """Run ``worker`` as ``pg-worker run`` does: ``/metrics`` (with the app's collectors), ``/healthz`` and
+    ``/readyz`` on the settings' port, SIGTERM/SIGINT/SIGHUP for a graceful stop (a second signal forces it).
+
+    For services with a command of their own. Raises what :meth:`Worker.run` raises (:class:`WorkerFailure`,
+    :class:`WorkerCrashed`) after the graceful stop. ``embedded``: an embedded server to stop on a forced exit.
+    """
     loop = asyncio.get_running_loop()
     server = None
     if settings.metrics:
@@ -203,15 +210,22 @@ def _cmd_run(args: argparse.Namespace, settings: WorkerSettings) -> int:
     url, _server = _database(settings)
     logger.info("database", extra={"event": "database", "url": redact_url(url), "embedded": _server is not None})
     worker = Worker(app, url, config, listen_conninfo=settings.listen_url)
-    asyncio.run(_serve(worker, settings, _server))
+    failure: WorkerFailure | WorkerCrashed | None = None
+    try:
+        asyncio.run(serve(worker, settings, _server))
+    except (WorkerFailure, WorkerCrashed) as exc:
+        failure = exc
     if worker.sync_jobs_running:
         # Their messages stay leased until their visibility timeout (never visible while a thread may still run
         # them); Python would otherwise wait for these threads at exit.
         logger.warning("sync_jobs_abandoned", extra={"event": "sync_jobs_abandoned", "threads": worker.sync_jobs_running})
+        code = EXIT_OK if failure is None else _fail(str(failure), EXIT_FAILURE, _json_logs(args))
         if _server is not None:
             _server.cleanup()
         logging.shutdown()
-        os._exit(EXIT_OK)
+        os._exit(code)
+    if failure is not None:
+        raise failure
     return EXIT_OK
 
 
@@ -419,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args, settings)
     except (UsageError, InvalidQueueName, InvalidSchedule, ValidationError, ValueError, TypeError, admin.UnknownQueue) as exc:
         return _fail(str(exc), EXIT_USAGE, json_errors)
-    except (SetupError, WorkerCrashed, admin.AdminError) as exc:
+    except (SetupError, WorkerCrashed, WorkerFailure, admin.AdminError) as exc:
         return _fail(str(exc), EXIT_FAILURE, json_errors)
     except psycopg.Error as exc:
         return _fail(f"database error: {exc}".strip(), EXIT_FAILURE, json_errors)

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+from ._app import Readiness, WorkerFailure
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ._worker import Worker
@@ -40,6 +46,7 @@ class HealthProbe:
         self.listen_grace = listen_grace
         self.db_fresh = db_fresh
         self.check_timeout = check_timeout
+        self._last: dict[str, tuple[bool, str]] = {}  # each app check's last (ok, detail), to log changes
 
     def liveness(self) -> Report:
         health = self.worker.health
@@ -69,13 +76,19 @@ class HealthProbe:
     async def readiness(self) -> Report:
         health = self.worker.health
         checks = [
-            Check("worker", health.started and not health.stopping, "stopping" if health.stopping else ("running" if health.started else "starting")),
+            Check("worker", health.started and not health.stopping, self._worker_state()),
             await self._database(),
             self._listen(),
         ]
         for name, check in self.worker.app.readiness_checks:
             checks.append(await self._custom(name, check))
         return Report(all(c.ok for c in checks), checks)
+
+    def _worker_state(self) -> str:
+        health, failure = self.worker.health, self.worker.failure
+        if health.stopping:
+            return "stopping" if failure is None else f"stopping: {failure}"[:300]
+        return "running" if health.started else "starting"
 
     async def _database(self) -> Check:
         health = self.worker.health
@@ -105,8 +118,29 @@ class HealthProbe:
     async def _custom(self, name: str, check: Any) -> Check:
         try:
             result = check()
-            if asyncio.iscoroutine(result):
+            if inspect.isawaitable(result):
                 result = await asyncio.wait_for(result, timeout=self.check_timeout)
+        except WorkerFailure as exc:
+            reason = str(exc) or "WorkerFailure"
+            self.worker.stop(failure=f"readiness check {name}: {reason}")
+            return self._changed(Check(name, False, reason[:300]))
         except Exception as exc:  # noqa: BLE001 - a failing hook is a failed check, never a crashed probe
-            return Check(name, False, f"{type(exc).__name__}: {exc}".strip()[:300])
-        return Check(name, bool(result), "ok" if result else "failed")
+            return self._changed(Check(name, False, f"{type(exc).__name__}: {exc}".strip()[:300]))
+        if isinstance(result, Readiness):
+            ok, detail = result.ok, result.reason[:300] or ("ok" if result.ok else "failed")
+        else:
+            ok, detail = bool(result), "ok" if result else "failed"
+        return self._changed(Check(name, ok, detail))
+
+    def _changed(self, check: Check) -> Check:
+        """Log an app check's result when it differs from the last one (a first result only when failing)."""
+        state = (check.ok, check.detail)
+        previous = self._last.get(check.name, (True, "ok"))
+        self._last[check.name] = state
+        if state != previous:
+            logger.log(
+                logging.INFO if check.ok else logging.WARNING,
+                "readiness_changed",
+                extra={"event": "readiness_changed", "check": check.name, "ok": check.ok, "reason": check.detail},
+            )
+        return check

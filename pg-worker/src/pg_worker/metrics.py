@@ -45,7 +45,8 @@ WORKER_ERROR_TYPES = ("JobTimeout", "PermanentFailure")
 class WorkerMetrics(WorkerObserver):
     """Counts what a worker does. Pass it to ``Worker(observers=[...])``.
 
-    ``pg_worker_jobs_total{outcome}``: ``succeeded``; ``retried`` (failed, will run again); ``dead_lettered``
+    ``pg_worker_jobs_total{outcome}``: ``succeeded``; ``retried`` (failed, will run again); ``deferred`` (the
+    handler raised ``RetryLater(count_attempt=False)``: runs again later, no attempt used); ``dead_lettered``
     (failed for good, or rejected as malformed); ``interrupted`` (handed back at shutdown); ``failed`` (failed,
     and recording the retry or dead-letter move failed too: the message returns after its visibility timeout);
     ``lease_lost`` (the lease ran out or another worker took the message: the job was stopped, nothing written).
@@ -114,7 +115,7 @@ class WorkerMetrics(WorkerObserver):
         self._child(self.in_flight, job.queue).dec()
         self._child(self.duration, job.queue).observe(duration)
         self._child(self.jobs, job.queue, outcome.value).inc()
-        if error is not None and outcome is not Outcome.INTERRUPTED:
+        if error is not None and outcome not in (Outcome.INTERRUPTED, Outcome.DEFERRED):
             self._child(self.failures, job.queue, type(error).__name__).inc()
 
     def message_rejected(self, queue: str, msg_id: int, reason: str) -> None:
@@ -196,11 +197,14 @@ class QueueStatsCollector(Collector):
 
 
 def instrument(worker: Worker, *, registry: CollectorRegistry | None = None, stats_max_age: float = 60.0) -> WorkerMetrics:
-    """Attach metrics to a worker (before it runs): its events plus the cached queue statistics."""
+    """Attach metrics to a worker (before it runs): its events, the cached queue statistics, and the
+    collectors its app added (:meth:`App.add_collector`)."""
     metrics = WorkerMetrics(registry)
     metrics.start_at_zero(worker.app.queues)
     worker.observers.add(metrics)
     metrics.registry.register(
         QueueStatsCollector(worker.conninfo, worker.app.queues, max_age=stats_max_age, on_error=lambda exc: metrics.db_error("queue_stats", exc))
     )
+    for collector in worker.app.collectors:  # App.add_collector: the service's own metrics, on the same port
+        metrics.registry.register(collector)
     return metrics

@@ -110,8 +110,8 @@ async def test_a_blackholed_worker_stops_its_job_before_another_starts_it_and_he
         samplers = [asyncio.create_task(sample_liveness()), asyncio.create_task(sample_readiness())]
         try:
             async with running_worker(app, db_url, RecordingObserver(), worker_id="b", **settings):
-                await wait_until(lambda: len(spans) == 2, limit=10, what="B runs the job after A's lease")
-                await wait_until(lambda: not all(ready), limit=5, what="A not ready")
+                await wait_until(lambda: len(spans) == 2, timeout=10, what="B runs the job after A's lease")
+                await wait_until(lambda: not all(ready), timeout=5, what="A not ready")
         finally:
             for task in samplers:
                 task.cancel()

@@ -184,7 +184,7 @@ def test_worker_logs_are_json_with_job_fields_and_never_show_the_password(db_url
             stderr=subprocess.STDOUT,
         )
         try:
-            asyncio.run(wait_until(lambda: "job_succeeded" in log_path.read_text(), limit=20, what="job log"))
+            asyncio.run(wait_until(lambda: "job_succeeded" in log_path.read_text(), timeout=20, what="job log"))
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0

@@ -42,7 +42,7 @@ async def test_a_lost_lease_cancels_the_running_job_before_another_worker_starts
         # Another worker takes the message over (as after a network split): A's next renewal matches nothing.
         await expire(db_url, "long")
         await read_one(db_url, "long", vt=300)
-        await wait_until(lambda: observer.outcomes(Outcome.LEASE_LOST), limit=5, what="job stopped")
+        await wait_until(lambda: observer.outcomes(Outcome.LEASE_LOST), timeout=5, what="job stopped")
     assert [what for _, what, _ in runs] == ["start", "end"], "cancelled, never acknowledged"
     assert observer.leases_lost and observer.leases_lost[0][2] == "renew_lease"
     [(_, read_ct, _, _)] = await queue_rows(db_url, "long")
@@ -58,7 +58,7 @@ class _AsyncCallable:
         self.seen.append("object")
 
 
-async def test_handlers_that_return_awaitables_are_awaited_and_a_returned_value_is_an_error(db_url: str, producer: Producer) -> None:
+async def test_handlers_that_return_awaitables_are_awaited_and_a_returned_generator_is_an_error(db_url: str, producer: Producer) -> None:
     seen: list[str] = []
 
     async def work(tag: str, job: Job[dict[str, Any]]) -> None:
@@ -69,7 +69,7 @@ async def test_handlers_that_return_awaitables_are_awaited_and_a_returned_value_
     app.add_handler("jobs", lambda job: work("lambda", job), type="lambda")
     app.add_handler("jobs", functools.partial(work, "partial"), type="partial")
     app.add_handler("jobs", _AsyncCallable(seen), type="object")
-    app.add_handler("jobs", lambda job: 42, type="value")
+    app.add_handler("jobs", lambda job: (n for n in [42]), type="value")
     assert app.resolve("jobs", {"type": "partial"})[0].is_async
     assert app.resolve("jobs", {"type": "object"})[0].is_async
     await pg_worker.install(db_url, ["jobs"])
@@ -80,7 +80,7 @@ async def test_handlers_that_return_awaitables_are_awaited_and_a_returned_value_
     [dead] = await dlq_messages(db_url, "jobs")
     assert dead["message"] == {"type": "value"}
     assert dead["error"]["reason"] == "permanent_failure"
-    assert "returned int" in dead["error"]["message"]
+    assert "returned a generator" in dead["error"]["message"]
 
 
 async def test_a_repeatable_read_producer_wakes_a_worker_that_marked_after_its_snapshot(db_url: str) -> None:
@@ -114,7 +114,7 @@ async def test_a_repeatable_read_producer_wakes_a_worker_that_marked_after_its_s
                 assert row is not None
                 await producer.commit()
                 committed = time.monotonic()
-            await wait_until(lambda row=row, started=started: row[0] in started, limit=3, what=f"{isolation} producer's message")
+            await wait_until(lambda row=row, started=started: row[0] in started, timeout=3, what=f"{isolation} producer's message")
             assert started[row[0]] - committed < 0.5, f"{isolation}: woken by its notification, not by a poll"
 
 
@@ -172,7 +172,7 @@ async def test_a_sync_job_past_its_timeout_keeps_its_lease_until_the_thread_retu
         producer.enqueue("sync", {})
         await wait_until(lambda: runs, what="job started")
         await wait_until(lambda: a.health.stuck_sync_jobs + b.health.stuck_sync_jobs == 1, what="stuck thread reported")
-        await wait_until(lambda: dlq_messages(db_url, "sync"), limit=10, what="dead letter after the thread returned")
+        await wait_until(lambda: dlq_messages(db_url, "sync"), timeout=10, what="dead letter after the thread returned")
         assert time.monotonic() - runs[0] >= 2.4, "not dead-lettered while the thread still ran"
     assert len(runs) == 1, "never made visible (nor run elsewhere) while the thread ran"
     [dead] = await dlq_messages(db_url, "sync")
@@ -192,7 +192,7 @@ async def test_a_row_locked_visible_message_does_not_spin_the_fetch_loop(db_url:
         await asyncio.sleep(1.0)
         spins = observer.loop_ticks - ticks
         await locker.rollback()
-        await wait_until(lambda: observer.outcomes(Outcome.SUCCEEDED), limit=3, what="job once the lock is gone")
+        await wait_until(lambda: observer.outcomes(Outcome.SUCCEEDED), timeout=3, what="job once the lock is gone")
     assert spins < 30, f"{spins} reads in a second while the only visible message was locked"
 
 
@@ -229,7 +229,7 @@ async def test_a_failure_whose_retry_cannot_be_recorded_is_reported_as_failed(db
     observer = RecordingObserver()
     async with running_worker(app, db_url, observer, poll=PollSchedule(interval=0.5)):
         producer.enqueue("jobs", {})
-        await wait_until(lambda: observer.outcomes(Outcome.SUCCEEDED), limit=10, what="second attempt after the lease")
+        await wait_until(lambda: observer.outcomes(Outcome.SUCCEEDED), timeout=10, what="second attempt after the lease")
     assert [f.outcome for f in observer.finished] == [Outcome.FAILED, Outcome.SUCCEEDED]
 
 

@@ -109,7 +109,7 @@ async def test_scraped_counters_match_what_happened(db_url: str, producer: Produ
             _, text = await get(port, "/metrics")
             return value(text, "pg_worker_jobs_total", queue="jobs", outcome="succeeded") == 4 and value(text, "pg_worker_jobs_total", queue="jobs", outcome="dead_lettered") == 2
 
-        await wait_until(settled, limit=10, what="all jobs counted")
+        await wait_until(settled, timeout=10, what="all jobs counted")
         await asyncio.sleep(0.2)  # let the last acknowledgement land before the queue gauges are read
         status, text = await get(port, "/metrics")
     assert status == 200
@@ -160,7 +160,7 @@ async def test_health_endpoints_flip_when_the_database_goes_away_and_comes_back(
         async def ready() -> bool:
             return (await get(port, "/readyz"))[0] == 200
 
-        await wait_until(ready, limit=20, interval=0.2, what="ready again")
+        await wait_until(ready, timeout=20, interval=0.2, what="ready again")
         _, text = await get(port, "/metrics")
         assert value(text, "pg_worker_listen_disconnects_total") >= 1
         assert sum(v for (name, _), v in samples(text).items() if name == "pg_worker_db_errors_total") >= 1

@@ -39,7 +39,7 @@ async def test_notify_starts_the_handler_within_100ms_while_the_poll_is_10_minut
             await wait_until(lambda: _all_marked(db_url, worker), what="worker back to sleep")
             sent = time.monotonic()
             msg_id = await asyncio.to_thread(producer.enqueue, "fast", {"n": 1})
-            await wait_until(lambda m=msg_id: m in started, limit=2, interval=0.001, what="handler start")
+            await wait_until(lambda m=msg_id: m in started, timeout=2, interval=0.001, what="handler start")
             latencies.append(started[msg_id] - sent)
     assert max(latencies) < 0.100, latencies
     assert {s for _, s, _ in observer.wakeups} == {WakeupSource.STARTUP, WakeupSource.NOTIFY}
@@ -56,7 +56,7 @@ async def test_poll_only_mode_works_without_listen(db_url: str, producer: Produc
     observer = RecordingObserver()
     async with running_worker(app, db_url, observer, listen=False, poll=PollSchedule(interval=0.3)):
         msg_id = producer.enqueue("polled", {})
-        await wait_until(lambda: msg_id in started, limit=3, what="polled job")
+        await wait_until(lambda: msg_id in started, timeout=3, what="polled job")
         assert await marks(db_url) == 0, "poll-only workers never ask producers to notify"
     assert observer.notifications == 0
     assert WakeupSource.NOTIFY not in {s for _, s, _ in observer.wakeups}
@@ -70,7 +70,7 @@ async def test_delayed_message_is_picked_up_when_it_becomes_visible(db_url: str,
     async with running_worker(app, db_url, observer, poll=TEN_MINUTES):
         sent = time.monotonic()
         msg_id = producer.enqueue("later", {}, delay=1.0)
-        await wait_until(lambda: msg_id in started, limit=5, what="delayed job")
+        await wait_until(lambda: msg_id in started, timeout=5, what="delayed job")
     assert 1.0 <= started[msg_id] - sent < 1.5
     assert WakeupSource.TIMER in {s for _, s, _ in observer.wakeups}
 
@@ -103,7 +103,7 @@ async def test_a_producer_that_raced_with_the_worker_going_to_sleep_is_caught_wi
                 notifications_before = observer.notifications
                 await producer.commit()
                 committed = time.monotonic()
-            await wait_until(lambda: raced_id in started, limit=bound + 2, what="raced message")
+            await wait_until(lambda: raced_id in started, timeout=bound + 2, what="raced message")
     assert observer.notifications == notifications_before, "the raced message sent no notification"
     assert started[raced_id] - committed <= bound + 0.1
     assert WakeupSource.RECHECK in {s for _, s, _ in observer.wakeups}
@@ -174,7 +174,7 @@ async def test_notify_wakeups_never_outnumber_the_notifications_under_a_steady_t
             for _ in range(150):  # bounded: 150 messages, about one every 4 ms
                 await conn.execute("SELECT pgmq.send('trickle', '{}')")
                 await asyncio.sleep(0.004)
-        await wait_until(lambda: len(observer.outcomes(Outcome.SUCCEEDED)) == 150, limit=20, what="all jobs")
+        await wait_until(lambda: len(observer.outcomes(Outcome.SUCCEEDED)) == 150, timeout=20, what="all jobs")
     sources = [s for _, s, _ in observer.wakeups]
     assert sources.count(WakeupSource.STARTUP) == 1
     assert sources.count(WakeupSource.NOTIFY) <= observer.notifications
@@ -215,6 +215,6 @@ async def test_a_message_with_an_absurd_visibility_time_does_not_break_the_sleep
     observer = RecordingObserver()
     async with running_worker(app, db_url, observer, poll=TEN_MINUTES):
         msg_id = producer.enqueue("absurd", {})
-        await wait_until(lambda: msg_id in started, limit=3, what="the other message")
+        await wait_until(lambda: msg_id in started, timeout=3, what="the other message")
     assert stuck not in started
     assert "check" not in observer.db_errors, observer.db_errors

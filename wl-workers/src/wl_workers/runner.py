@@ -1,6 +1,7 @@
-"""``wl-workers run``: a pg-worker Worker serving wl-workers' App, with pg-worker's /metrics, /healthz and
-/readyz (our per-device metrics included), signal handling, the optional periodic reconcile, and the optional
-device-network self-check (netcheck.py): in /readyz, and a graceful stop then a non-zero exit when it stays failed."""
+"""``wl-workers run``: a pg-worker Worker serving wl-workers' App, run as ``pg-worker run`` runs one (its
+/metrics with our per-device metrics added, /healthz, /readyz, signal handling), the optional periodic
+reconcile, and the optional device-network self-check (netcheck.py): in /readyz, and a graceful stop then a
+non-zero exit when it stays failed."""
 
 from __future__ import annotations
 
@@ -8,12 +9,9 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 
 from pg_worker import SetupError, Worker, WorkerCrashed
-from pg_worker.health import HealthProbe
-from pg_worker.metrics import instrument
-from pg_worker.observability import ObservabilityServer
+from pg_worker import cli as pg_worker_cli
 from pg_worker.settings import WorkerSettings
 
 from ._migrate import pending_migrations
@@ -64,46 +62,21 @@ async def serve(conninfo: str, settings: WlSettings, wsettings: WorkerSettings) 
     monitor = NetworkMonitor(netcheck) if netcheck is not None else None
     if monitor is not None:
         app.readiness_check("device_network")(monitor.readiness)
+    for collector in COLLECTORS:
+        app.add_collector(collector)
     worker = Worker(app, conninfo, wsettings.worker_config(), listen_conninfo=wsettings.listen_url)
-    loop = asyncio.get_running_loop()
-    server = None
-    if wsettings.metrics:
-        metrics = instrument(worker, stats_max_age=wsettings.queue_stats_interval)
-        for collector in COLLECTORS:
-            metrics.registry.register(collector)
-        try:
-            server = ObservabilityServer(HealthProbe(worker), metrics, loop, host=wsettings.metrics_host, port=wsettings.metrics_port).start()
-        except OSError as exc:
-            raise SetupError(f"cannot serve /metrics on {wsettings.metrics_host}:{wsettings.metrics_port}: {exc.strerror or exc}") from exc
-    signals = 0
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            logger.info("shutdown_requested", extra={"event": "shutdown_requested", "signal": signal.Signals(signum).name})
-            worker.request_stop()
-        else:
-            logger.warning("shutdown_forced", extra={"event": "shutdown_forced", "signal": signal.Signals(signum).name})
-            logging.shutdown()
-            os._exit(1)  # unfinished messages come back after their visibility timeout
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
     stop = asyncio.Event()
     reconciler = asyncio.create_task(_periodic_reconcile(conninfo, settings, stop)) if settings.reconcile_interval > 0 else None
     watcher = asyncio.create_task(_watch_device_network(monitor, worker, stop)) if monitor is not None else None
     outcome: Exception | None = None
     try:
-        await worker.run()
+        await pg_worker_cli.serve(worker, wsettings)  # /metrics (ours included), /healthz, /readyz; signals
     finally:
         stop.set()
         if reconciler is not None:
             await reconciler
         if watcher is not None:
             outcome = await watcher
-        if server is not None:
-            server.stop()
     if outcome is not None:
         # the worker has stopped gracefully (jobs finished or handed back); now exit non-zero, to be restarted
         raise outcome
