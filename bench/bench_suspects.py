@@ -32,9 +32,12 @@ async def scenario(url: str, duration: float, *, suspects: bool) -> list[float]:
     """Latencies (s) of the ordinary jobs sent during ``duration`` seconds, with or without suspects."""
     app = App()
     latencies: list[float] = []
+    suspect_runs: list[int] = []
+    planted = 0
 
     async def handle(job: Job[dict[str, Any]]) -> None:
         if job.payload.get("suspect"):
+            suspect_runs.append(job.attempt)
             await asyncio.sleep(SUSPECT_SECONDS)
             return
         latencies.append(max(0.0, time.time() - job.payload["sent"]))
@@ -56,16 +59,20 @@ async def scenario(url: str, duration: float, *, suspects: bool) -> list[float]:
                 sent += 1
                 if suspects and time.monotonic() >= next_suspect:
                     # Read once with no outcome recorded, as if its worker had died: its next delivery is a suspect.
-                    await conn.execute(
-                        "WITH s AS (SELECT pgmq.send('jobs', '{\"suspect\": true}') AS id) "
-                        "UPDATE pgmq.q_jobs SET read_ct = 1 FROM s WHERE msg_id = s.id"
-                    )
+                    async with conn.transaction():
+                        cur = await conn.execute("SELECT pgmq.send('jobs', '{\"suspect\": true}')")
+                        row = await cur.fetchone()
+                        assert row is not None
+                        await conn.execute("UPDATE pgmq.q_jobs SET read_ct = 1 WHERE msg_id = %s", (row[0],))
+                    planted += 1
                     next_suspect += SUSPECT_EVERY
                 await asyncio.sleep(1.0 / RATE)
-        await _wait_for(lambda: len(latencies) >= sent, 60)
+        await _wait_for(lambda: len(latencies) >= sent and len(suspect_runs) >= planted, 120)
     finally:
         worker.request_stop()
         await asyncio.wait_for(task, 60)
+    if suspects and not suspect_runs:
+        raise RuntimeError("no suspect ran: the scenario measured nothing")
     return latencies
 
 
