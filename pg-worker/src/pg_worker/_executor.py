@@ -235,6 +235,8 @@ class Executor:
     def acked(self, lease: Lease, held: bool | None) -> None:
         """The acknowledgement of a job that succeeded was written (True), matched nothing (False: another
         worker has its message; its loss is logged), or could not be sent before shutdown (None)."""
+        if lease.done is None:
+            return  # counted already (a confirmation cannot come twice, but a bookkeeping slip must not crash)
         job, handler, duration = lease.done
         lease.done = None
         started = time.perf_counter() - duration  # the handler's own run time, not the wait for the database
