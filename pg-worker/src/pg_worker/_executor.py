@@ -279,18 +279,7 @@ class Executor:
         lease.on_lost = stop_waiting
         # The timeout counts from the moment a thread runs the handler: a job queued behind a pool of stuck
         # threads has not started, so it cannot have timed out.
-        waiter = asyncio.ensure_future(started.wait())
-        try:
-            await asyncio.wait([waiter, future], return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            waiter.cancel()
-            if not started.is_set() and future.cancel():
-                if not lease.held and not self.shutting_down:
-                    task.uncancel()
-                    raise _NotStarted() from None
-                raise
-            raise Interrupted(abandoned_thread=not future.done()) from None
-        waiter.cancel()
+        await self._thread_start(lease, task, started, future)
         if not started.is_set():
             raise _NotStarted()  # the thread found the lease gone and did not call the handler
         lease.on_lost = None
@@ -336,6 +325,28 @@ class Executor:
             await self._on_loop(lease, handler, lambda: result, max(remaining, 0.0))
             return
         _check_result(handler, result)
+
+    async def _thread_start(self, lease: Lease, task: asyncio.Task[Any], started: asyncio.Event, future: asyncio.Future[Any]) -> None:
+        """Wait until a thread takes the job (or finds its lease gone, or returns)."""
+        waiter = asyncio.ensure_future(started.wait())
+        while True:
+            try:
+                await asyncio.wait([waiter, future], return_when=asyncio.FIRST_COMPLETED)
+                break
+            except asyncio.CancelledError:
+                if not started.is_set() and future.cancel():
+                    waiter.cancel()
+                    if not lease.held and not self.shutting_down:
+                        task.uncancel()
+                        raise _NotStarted() from None
+                    raise
+                if self.shutting_down or lease.held:
+                    waiter.cancel()
+                    raise Interrupted(abandoned_thread=not future.done()) from None
+                # The lease was lost just as a thread took the job: it cannot be stopped now. It runs like any
+                # sync job whose lease is lost: to its end, its result thrown away.
+                task.uncancel()
+        waiter.cancel()
 
     def _call_sync(self, handler: Handler, job: Job[Any], lease: Lease, loop: asyncio.AbstractEventLoop, started: asyncio.Event) -> Any:
         # Checked here, in the thread, at the moment it would start: the queue in front of the pool may have
