@@ -25,6 +25,7 @@ def _registry() -> dict[str, Benchmark]:
         bench_peers,
         bench_producers,
         bench_scale,
+        bench_suspects,
         bench_webhook,
         bench_wl,
     )
@@ -39,6 +40,7 @@ def _registry() -> dict[str, Benchmark]:
         "webhook": bench_webhook.run,
         "wl": bench_wl.run,
         "console": bench_console.run,
+        "suspects": bench_suspects.run,
     }
 
 

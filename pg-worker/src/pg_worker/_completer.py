@@ -10,9 +10,11 @@ import asyncio
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
@@ -27,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 TRACEBACK_LIMIT = 2000
 ACK_LINGER = 0.002
+# A message whose dead-letter queue is gone and cannot be created again waits this long in its own queue (its
+# delivery closed, so it is no suspect) instead of cycling through its handler at every lease.
+PARK_DELAY = 3600.0
 
 
 def error_info(exc: BaseException, reason: str) -> dict[str, Any]:
@@ -63,17 +68,48 @@ def fence_params(leases: list[Lease]) -> dict[str, list[int]]:
     return {"ids": [lease.msg_id for lease in leases], "cts": [lease.read_ct for lease in leases]}
 
 
+@dataclass(eq=False)
+class Unwritten:
+    """An outcome (retry, dead-letter move) the database did not take. Fenced, so writing it later is safe: if
+    the message was read again meanwhile, the write matches nothing."""
+
+    operation: str
+    lease: Lease
+    query: sql.Composed
+    params: dict[str, Any]
+    delay: float | None  # a retry's delay: the fetch loop sets its timer once it is written
+    failures: int = 1
+    at: float = field(default_factory=time.monotonic)  # when the outcome was due
+
+    def current_params(self) -> dict[str, Any]:
+        """A retry written late keeps its due time: the delay counts from the failure, not from the write."""
+        if self.delay is None:
+            return self.params
+        return {**self.params, "delay": self.remaining_delay()}
+
+    def remaining_delay(self) -> float:
+        return max(0.0, (self.delay or 0.0) - (time.monotonic() - self.at))
+
+
 class Completer:
-    def __init__(self, db: Database, leases: LeaseKeeper, queues: dict[str, QueueConfig]) -> None:
+    def __init__(
+        self, db: Database, leases: LeaseKeeper, queues: dict[str, QueueConfig], on_retry: Callable[[str, float], None] | None = None
+    ) -> None:
         self._db = db
         self._leases = leases
         self.acks = {name: QueueAcks(config) for name, config in queues.items()}
+        self.unwritten: list[Unwritten] = []
+        self._on_retry = on_retry
+        # Told whether each acknowledgement matched (True), found the lease lost (False) or could not be sent
+        # at all before shutdown (None): a job counts as succeeded only once its acknowledgement is on record.
+        self.on_acked: Callable[[Lease, bool | None], None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
 
     # -- acknowledgements -----------------------------------------------------------------------------------
 
     def ack(self, lease: Lease) -> None:
+        lease.closing = True
         self.acks[lease.queue.name].pending.append(lease)
         self._wake.set()
 
@@ -91,10 +127,14 @@ class Completer:
             self._wake.set()
 
     def confirmed(self, leases: list[Lease], matched: set[int], operation: str = "ack") -> None:
+        on_acked = self.on_acked if operation == "ack" else None
         for lease in leases:
             self._leases.release(lease)
-            if lease.msg_id not in matched:
+            held = lease.msg_id in matched
+            if not held:
                 self._leases.lose(lease, "taken", operation)
+            if on_acked is not None:
+                on_acked(lease, held)
 
     async def run(self) -> None:
         """Acknowledge finished messages in batches: one statement per queue per round."""
@@ -115,7 +155,7 @@ class Completer:
                 self._wake.set()
 
     async def _round(self) -> bool:
-        ok = True
+        ok = await self._write_unwritten()
         for queue, acks in self.acks.items():
             if not acks.pending:
                 continue
@@ -145,28 +185,52 @@ class Completer:
     async def flush(self, deadline: float) -> bool:
         """Send every pending acknowledgement now; False if the database did not take them by ``deadline``."""
         failures = 0
-        while any(acks.pending for acks in self.acks.values()):
+        while self.unwritten or any(acks.pending for acks in self.acks.values()):
             if await self._round():
                 return True
             failures += 1
             if time.monotonic() >= deadline:
                 lost = sum(len(acks.pending) for acks in self.acks.values())
-                logger.error("acks_unsent", extra={"event": "acks_unsent", "messages": lost, "note": "they will run again after their visibility timeout"})
+                if lost:
+                    logger.error("acks_unsent", extra={"event": "acks_unsent", "messages": lost, "note": "they will run again after their visibility timeout"})
+                    if self.on_acked is not None:
+                        for acks in self.acks.values():
+                            for lease in acks.pending:
+                                self.on_acked(lease, None)
+                if self.unwritten:
+                    logger.error(
+                        "outcomes_unwritten",
+                        extra={
+                            "event": "outcomes_unwritten",
+                            "msg_ids": [u.lease.msg_id for u in self.unwritten],
+                            "note": "retries and dead-letter moves not recorded: those messages run again after their visibility timeout",
+                        },
+                    )
                 return False
             await asyncio.sleep(self._db.backoff(failures))
         return True
 
     # -- single outcome writes --------------------------------------------------------------------------------
 
-    async def _fenced(self, operation: str, lease: Lease, query: sql.Composed, params: dict[str, Any]) -> bool | None:
-        """True: written; False: the lease was lost; None: the database failed (the message comes back later)."""
+    async def _fenced(
+        self, operation: str, lease: Lease, query: sql.Composed, params: dict[str, Any], *, delay: float | None = None, reraise: tuple[type[BaseException], ...] = ()
+    ) -> bool | None:
+        """True: written; False: the lease was lost; None: the database failed, and the write is kept and tried
+        again as soon as the database answers (see :meth:`_write_unwritten`)."""
         if not lease.held:
             return False
+        lease.closing = True
         try:
             rows = await self._db.fetchall(query, params)
+        except reraise:
+            raise
         except DB_ERRORS as exc:
-            self._db.failed(operation, exc, queue=lease.queue.name, msg_id=lease.msg_id)
-            self._leases.release(lease)
+            self._db.failed(operation, exc, queue=lease.queue.name, msg_id=lease.msg_id, note="kept: written once the database answers")
+            # No more renewals: the lease ends on its own; the keeper wakes the fetch loop then, in case this
+            # write never makes it.
+            self._leases.abandon(lease)
+            self.unwritten.append(Unwritten(operation, lease, query, params, delay))
+            self._wake.set()
             return None
         self._leases.release(lease)
         if not rows:
@@ -174,14 +238,78 @@ class Completer:
             return False
         return True
 
+    async def _write_unwritten(self) -> bool:
+        """Outcomes the database did not take, tried again in order; False if it still fails."""
+        while self.unwritten:
+            item = self.unwritten[0]
+            try:
+                rows = await self._db.fetchall(item.query, item.current_params())
+            except psycopg.errors.UndefinedTable as exc:
+                # Its dead-letter queue is gone: give this write up; the message comes back after its lease
+                # and its next dead-letter move creates the queue again.
+                self.unwritten.pop(0)
+                self._db.failed(item.operation, exc, queue=item.lease.queue.name, msg_id=item.lease.msg_id, note="given up")
+                continue
+            except DB_ERRORS as exc:
+                item.failures += 1
+                self._db.failed(item.operation, exc, queue=item.lease.queue.name, msg_id=item.lease.msg_id, failures=item.failures)
+                return False
+            self.unwritten.pop(0)
+            lease = item.lease
+            if not rows:
+                # Read again since (by us or another worker): that delivery goes its own way.
+                logger.warning(
+                    "outcome_superseded",
+                    extra={"event": "outcome_superseded", "operation": item.operation, "queue": lease.queue.name, "msg_id": lease.msg_id, "attempt": lease.read_ct},
+                )
+                continue
+            logger.info(
+                "outcome_written_late",
+                extra={"event": "outcome_written_late", "operation": item.operation, "queue": lease.queue.name, "msg_id": lease.msg_id, "attempt": lease.read_ct, "failures": item.failures},
+            )
+            if item.delay is not None and self._on_retry is not None:
+                self._on_retry(lease.queue.name, item.remaining_delay())
+        return True
+
     async def retry(self, lease: Lease, delay: float, *, count_attempt: bool = True) -> bool | None:
         query = _sql.retry_later(lease.queue.name, count_attempt=count_attempt)
-        return await self._fenced("retry", lease, query, {"msg_id": lease.msg_id, "read_ct": lease.read_ct, "delay": delay})
+        params = {"msg_id": lease.msg_id, "read_ct": lease.read_ct, "delay": delay}
+        return await self._fenced("retry", lease, query, params, delay=delay)
 
     async def dead_letter(self, lease: Lease, error: dict[str, Any]) -> bool | None:
         queue = lease.queue.name
         params = {"queue": queue, "dlq": dlq_name(queue), "msg_id": lease.msg_id, "read_ct": lease.read_ct, "error": Jsonb(error)}
-        return await self._fenced("dead_letter", lease, _sql.dead_letter(queue), params)
+        query = _sql.dead_letter(queue)
+        try:
+            return await self._fenced("dead_letter", lease, query, params, reraise=(psycopg.errors.UndefinedTable,))
+        except psycopg.errors.UndefinedTable as exc:
+            return await self._dlq_missing(lease, query, params, exc)
+
+    async def _dlq_missing(self, lease: Lease, query: sql.Composed, params: dict[str, Any], exc: BaseException) -> bool | None:
+        """The dead-letter queue was dropped under a running worker: create it again and move the message; if
+        that is not allowed, park the message in its queue (closed, invisible for ``PARK_DELAY``)."""
+        queue, dlq = lease.queue.name, params["dlq"]
+        self._db.failed("dead_letter", exc, queue=queue, msg_id=lease.msg_id, dlq=dlq)
+        try:
+            await self._db.execute(_sql.CREATE_QUEUE, (dlq,))
+        except DB_ERRORS as create_exc:
+            logger.error(
+                "dead_letter_parked",
+                extra={
+                    "event": "dead_letter_parked",
+                    "queue": queue,
+                    "msg_id": lease.msg_id,
+                    "dlq": dlq,
+                    "error": f"{type(create_exc).__name__}: {create_exc}".strip()[:500],
+                    "retry_in_s": PARK_DELAY,
+                    "note": "the dead-letter queue is missing and could not be created: run `pg-worker install`",
+                },
+            )
+            self._db.failed("dead_letter", create_exc, queue=queue, msg_id=lease.msg_id, dlq=dlq)
+            parked = await self._fenced("dead_letter", lease, _sql.retry_later(queue), {"msg_id": lease.msg_id, "read_ct": lease.read_ct, "delay": PARK_DELAY})
+            return None if parked else parked
+        logger.error("dlq_recreated", extra={"event": "dlq_recreated", "queue": queue, "dlq": dlq, "note": "it had been dropped while the worker ran"})
+        return await self._fenced("dead_letter", lease, query, params)
 
     async def mark_solo(self, lease: Lease) -> bool | None:
         return await self._mark(lease, _sql.mark_solo(lease.queue.name))

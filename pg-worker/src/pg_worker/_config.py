@@ -18,7 +18,8 @@ def _default_worker_id() -> str:
 class WorkerConfig:
     """Settings of one worker process.
 
-    - ``concurrency``: jobs run at once by this worker, across all its queues.
+    - ``concurrency``: jobs run at once by this worker, across all its queues. With sync handlers only, at most
+      ``sync_threads`` (default ``min(concurrency, 32)``): a job is not read before a thread can run it.
     - ``listen``: wake on LISTEN/NOTIFY; ``False`` is the poll-only mode.
     - ``poll``: the fallback poll's timetable (default every 60 s). It is the only wakeup in poll-only
       mode and the safety net otherwise; shorter means less latency when notifications fail, more load.

@@ -65,6 +65,9 @@ class WorkerObserver:
     def lease_lost(self, queue: str, msg_id: int, operation: str) -> None:
         """A held delivery was found not to be ours any more (``operation``: what found it)."""
 
+    def event_loop_blocked(self, seconds: float) -> None:
+        """The event loop ran nothing else for ``seconds`` (a handler blocked it): leases may have run out."""
+
 
 class ObserverGroup(WorkerObserver):
     """Fans every event out to several observers; an observer that raises is logged, never fatal."""
@@ -108,3 +111,6 @@ class ObserverGroup(WorkerObserver):
 
     def lease_lost(self, queue: str, msg_id: int, operation: str) -> None:
         self._each("lease_lost", queue, msg_id, operation)
+
+    def event_loop_blocked(self, seconds: float) -> None:
+        self._each("event_loop_blocked", seconds)

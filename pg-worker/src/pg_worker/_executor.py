@@ -2,10 +2,14 @@
 from a clock, its stop when the lease is lost, and the outcome it leads to.
 
 Poison messages: a message whose previous delivery ended with no outcome (its worker died, or lost the
-lease) is a suspect. Suspects run alone in this process, after a fenced mark that says so; a suspect whose
-previous delivery was such a solo run killed its worker while nothing else ran, and after
-``POISON_DEATHS`` of those it goes to the dead-letter queue. Its batch-mates, innocent, run alone once each
-and succeed: a crash or a deploy's SIGKILL never pushes them to the dead-letter queue.
+lease) is a suspect. Suspects run one at a time in this process (the suspect lane), after a fenced mark that
+says so; ordinary jobs, on every queue, go on running beside them, so a suspect never stalls the worker. A
+suspect whose previous delivery was such a marked run killed its worker while it was the only suspect
+running, and after ``POISON_DEATHS`` of those it goes to the dead-letter queue. The ordinary jobs that died
+with it come back as suspects themselves and run through the lane once each: innocent, they succeed, so a
+crash or a deploy's SIGKILL never pushes them to the dead-letter queue. (An innocent suspect is blamed only if
+the process dies twice while it is the one in the lane: two fresh poison messages, or two SIGKILLs, in that
+window.)
 """
 
 from __future__ import annotations
@@ -68,6 +72,10 @@ class _LeaseLost(Exception):
     pass
 
 
+class _NotStarted(Exception):
+    """The lease ended before the job could start: it is dropped without running."""
+
+
 def _int_header(headers: Any, key: str) -> int | None:
     if not isinstance(headers, Mapping):
         return None
@@ -79,53 +87,12 @@ def _int_header(headers: Any, key: str) -> int | None:
 
 
 def public_headers(headers: Any) -> Any:
+    """The headers as the producer sent them (pg-worker's keys removed, non-object headers unwrapped)."""
     if isinstance(headers, Mapping) and any(key in headers for key in _sql.INTERNAL_HEADERS):
+        if _sql.ORIGINAL_KEY in headers:
+            return headers[_sql.ORIGINAL_KEY]
         return {k: v for k, v in headers.items() if k not in _sql.INTERNAL_HEADERS}
     return headers
-
-
-class _SoloGate:
-    """Readers-writer gate: ordinary jobs share it, a suspect takes it alone (and is preferred)."""
-
-    def __init__(self) -> None:
-        self.running = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._solo = asyncio.Lock()
-        self._open = asyncio.Event()
-        self._open.set()
-        self._waiting_solo = 0
-
-    async def enter(self) -> None:
-        while not self._open.is_set():
-            await self._open.wait()
-        self.running += 1
-        self._idle.clear()
-
-    def leave(self) -> None:
-        self.running -= 1
-        if self.running == 0:
-            self._idle.set()
-
-    async def enter_solo(self) -> None:
-        self._waiting_solo += 1
-        self._open.clear()
-        try:
-            await self._solo.acquire()
-            await self._idle.wait()
-        except BaseException:
-            self._waiting_solo -= 1
-            if self._solo.locked():
-                self._solo.release()
-            if self._waiting_solo == 0:
-                self._open.set()
-            raise
-
-    def leave_solo(self) -> None:
-        self._waiting_solo -= 1
-        self._solo.release()
-        if self._waiting_solo == 0:
-            self._open.set()
 
 
 class Executor:
@@ -146,7 +113,8 @@ class Executor:
         self._health = health
         self._threads = threads
         self._on_retry = on_retry
-        self._gate = _SoloGate()
+        # One suspect at a time runs in this process; ordinary jobs never wait for it (see the module doc).
+        self._suspect_lane = asyncio.Lock()
         self._sync_lock = threading.Lock()
         self.sync_running = 0
         self.shutting_down = False
@@ -156,6 +124,8 @@ class Executor:
     async def run(self, lease: Lease, enqueued_at: Any, message: Any, headers: Any) -> None:
         queue = lease.queue.name
         try:
+            if lease.read_ct >= _sql.MAX_READ_CT:
+                raise BadMessage("read_ct_exhausted", f"read {lease.read_ct} times: its read count cannot grow, so no delivery of it could be fenced")
             handler, job_type = self._app.resolve(queue, message)
             payload = handler.parse(message)
         except BadMessage as exc:
@@ -168,28 +138,36 @@ class Executor:
             # Solo starts so far: each followed a delivery that ended with no outcome (a dead worker, a lost lease).
             solo_starts = _int_header(headers, _sql.SOLO_KEY) or 0
             if solo_starts >= POISON_DEATHS:
-                error = RuntimeError(f"the worker died (or lost the lease) {solo_starts} times while running this message alone")
+                error = RuntimeError(f"the worker died (or lost the lease) {solo_starts} times while this message was the only suspect running")
                 await self._give_up(lease, job, handler, error, "killed_worker", time.perf_counter())
                 return
+        if not solo:
+            if lease.alive():
+                await self._execute(lease, job, handler)
+            else:
+                self._not_started(lease, job)
+            return
         try:
-            await (self._gate.enter_solo() if solo else self._gate.enter())
+            await self._suspect_lane.acquire()
         except asyncio.CancelledError:
             if not self.shutting_down:
                 raise
             self.interrupted.append(lease)  # never started: handed back at shutdown
             return
         try:
+            # It may have waited in the lane since its read: it starts only while its lease is still ours by
+            # the clock (a sync job checks once more as its thread starts), else another worker may run it now.
+            if not lease.alive():
+                self._not_started(lease, job)
+                return
             # What finished before must be on record before a suspect runs: if it kills the process, the
             # jobs that succeeded next to it must not come back as suspects themselves.
-            if solo and not (await self._completer.flush(time.monotonic() + 5.0) and await self._mark_solo(lease, job)):
-                self._leases.release(lease)  # the database failed: the message comes back after its lease
+            if not (await self._completer.flush(time.monotonic() + 5.0) and await self._mark_solo(lease, job)):
+                self._leases.abandon(lease)  # the database failed: the message comes back after its lease
                 return
             await self._execute(lease, job, handler)
         finally:
-            if solo:
-                self._gate.leave_solo()
-            else:
-                self._gate.leave()
+            self._suspect_lane.release()
 
     @staticmethod
     def _is_suspect(lease: Lease, headers: Any) -> bool:
@@ -198,8 +176,8 @@ class Executor:
 
     async def _mark_solo(self, lease: Lease, job: Job[Any]) -> bool:
         logger.warning(
-            "job_running_alone",
-            extra={"event": "job_running_alone", "queue": job.queue, "msg_id": job.msg_id, "attempt": job.attempt, "why": "its previous delivery ended with no outcome (worker died or lease lost)"},
+            "suspect_running",
+            extra={"event": "suspect_running", "queue": job.queue, "msg_id": job.msg_id, "attempt": job.attempt, "why": "its previous delivery ended with no outcome (worker died or lease lost)", "note": "one suspect at a time; other jobs go on"},
         )
         return bool(await self._completer.mark_solo(lease))
 
@@ -214,14 +192,14 @@ class Executor:
                 task.cancel("lease lost")
 
             lease.on_lost = stop_job
-        self._observers.job_started(job, max(0.0, time.time() - job.enqueued_at.timestamp()))
+            self._observers.job_started(job, max(0.0, time.time() - job.enqueued_at.timestamp()))
         started = time.perf_counter()
         try:
             try:
                 if handler.is_async:
                     await self._run_async(lease, job, handler)
                 else:
-                    await self._run_sync(lease, job, handler)
+                    await self._run_sync(lease, job, handler, task)
             except asyncio.CancelledError:
                 if self.shutting_down:
                     raise Interrupted() from None
@@ -229,6 +207,11 @@ class Executor:
                     raise
                 task.uncancel()
                 raise _LeaseLost() from None
+            finally:
+                lease.on_lost = None  # the handler is done: a lease lost now must not cancel the outcome's write
+        except _NotStarted:
+            self._not_started(lease, job)
+            return
         except Interrupted as exc:
             (self.abandoned if exc.abandoned_thread else self.interrupted).append(lease)
             self._finish(job, Outcome.INTERRUPTED, started, None, handler, **({"note": "sync handler still running: its message stays leased until the visibility timeout"} if exc.abandoned_thread else {}))
@@ -245,9 +228,24 @@ class Executor:
         if not lease.held:
             self._finish(job, Outcome.LEASE_LOST, started, None, handler, why=lease.lost)
             return
-        lease.on_lost = None
+        # Counted by acked() once the acknowledgement is confirmed (it may find the lease lost after all).
+        lease.done = (job, handler, time.perf_counter() - started)
         self._completer.ack(lease)
-        self._finish(job, Outcome.SUCCEEDED, started, None, handler)
+
+    def acked(self, lease: Lease, held: bool | None) -> None:
+        """The acknowledgement of a job that succeeded was written (True), matched nothing (False: another
+        worker has its message; its loss is logged), or could not be sent before shutdown (None)."""
+        if lease.done is None:
+            return  # counted already (a confirmation cannot come twice, but a bookkeeping slip must not crash)
+        job, handler, duration = lease.done
+        lease.done = None
+        started = time.perf_counter() - duration  # the handler's own run time, not the wait for the database
+        if held:
+            self._finish(job, Outcome.SUCCEEDED, started, None, handler)
+        elif held is False:
+            self._finish(job, Outcome.LEASE_LOST, started, None, handler, why=lease.lost, operation="ack")
+        else:
+            self._finish(job, Outcome.FAILED, started, None, handler, note="succeeded, but its acknowledgement could not be written: it runs again")
 
     async def _run_async(self, lease: Lease, job: Job[Any], handler: Handler) -> None:
         func: Any = handler.func
@@ -268,21 +266,24 @@ class Executor:
             raise JobTimeout(f"job exceeded job_timeout of {lease.queue.job_timeout:g}s") from None
         _check_result(handler, result)
 
-    async def _run_sync(self, lease: Lease, job: Job[Any], handler: Handler) -> None:
+    async def _run_sync(self, lease: Lease, job: Job[Any], handler: Handler, task: asyncio.Task[Any]) -> None:
         loop = asyncio.get_running_loop()
         started = asyncio.Event()
-        future = loop.run_in_executor(self._threads, functools.partial(self._call_sync, handler, job, loop, started))
+        future = loop.run_in_executor(self._threads, functools.partial(self._call_sync, handler, job, lease, loop, started))
+
+        def stop_waiting(_lease: Lease) -> None:
+            # A thread cannot be stopped once it runs the handler; until then the job is only queued.
+            if not started.is_set():
+                task.cancel("lease lost")
+
+        lease.on_lost = stop_waiting
         # The timeout counts from the moment a thread runs the handler: a job queued behind a pool of stuck
         # threads has not started, so it cannot have timed out.
-        waiter = asyncio.ensure_future(started.wait())
-        try:
-            await asyncio.wait([waiter, future], return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            waiter.cancel()
-            if not started.is_set() and future.cancel():
-                raise
-            raise Interrupted(abandoned_thread=not future.done()) from None
-        waiter.cancel()
+        await self._thread_start(lease, task, started, future)
+        if not started.is_set():
+            raise _NotStarted()  # the thread found the lease gone and did not call the handler
+        lease.on_lost = None
+        self._observers.job_started(job, max(0.0, time.time() - job.enqueued_at.timestamp()))
         thread_started = time.monotonic()
         timed_out = False
         try:
@@ -315,8 +316,6 @@ class Executor:
             if not lease.held:
                 _discard(result)
                 raise _LeaseLost()
-            task = asyncio.current_task()
-            assert task is not None
 
             def stop_job(_lease: Lease) -> None:
                 task.cancel("lease lost")
@@ -327,7 +326,33 @@ class Executor:
             return
         _check_result(handler, result)
 
-    def _call_sync(self, handler: Handler, job: Job[Any], loop: asyncio.AbstractEventLoop, started: asyncio.Event) -> Any:
+    async def _thread_start(self, lease: Lease, task: asyncio.Task[Any], started: asyncio.Event, future: asyncio.Future[Any]) -> None:
+        """Wait until a thread takes the job (or finds its lease gone, or returns)."""
+        waiter = asyncio.ensure_future(started.wait())
+        while True:
+            try:
+                await asyncio.wait([waiter, future], return_when=asyncio.FIRST_COMPLETED)
+                break
+            except asyncio.CancelledError:
+                if not started.is_set() and future.cancel():
+                    waiter.cancel()
+                    if not lease.held and not self.shutting_down:
+                        task.uncancel()
+                        raise _NotStarted() from None
+                    raise
+                if self.shutting_down or lease.held:
+                    waiter.cancel()
+                    raise Interrupted(abandoned_thread=not future.done()) from None
+                # The lease was lost just as a thread took the job: it cannot be stopped now. It runs like any
+                # sync job whose lease is lost: to its end, its result thrown away.
+                task.uncancel()
+        waiter.cancel()
+
+    def _call_sync(self, handler: Handler, job: Job[Any], lease: Lease, loop: asyncio.AbstractEventLoop, started: asyncio.Event) -> Any:
+        # Checked here, in the thread, at the moment it would start: the queue in front of the pool may have
+        # held the job past its lease while the loop still believed it held (its timer not run yet).
+        if not lease.alive():
+            return None
         with self._sync_lock:
             self.sync_running += 1
         loop.call_soon_threadsafe(started.set)
@@ -338,6 +363,22 @@ class Executor:
                 self.sync_running -= 1
 
     # -- outcomes -------------------------------------------------------------------------------------------
+
+    def _not_started(self, lease: Lease, job: Job[Any]) -> None:
+        """Dropped without running: the lease ended while the job waited (another worker may run it now)."""
+        self._leases.lose(lease, "expired", "lease_clock")  # no-op when its timer (or a renewal) found it first
+        self._observers.lease_lost(job.queue, job.msg_id, "start")
+        logger.warning(
+            "job_not_started",
+            extra={
+                "event": "job_not_started",
+                "queue": job.queue,
+                "msg_id": job.msg_id,
+                "attempt": job.attempt,
+                "why": lease.lost,
+                "note": "its lease ended while it waited to start; it was dropped unrun and runs again after its lease",
+            },
+        )
 
     def _finish(self, job: Job[Any], outcome: Outcome, started: float, error: BaseException | None, handler: Handler, **extra: Any) -> None:
         duration = time.perf_counter() - started

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import _sql
 from ._app import QueueConfig
@@ -36,6 +37,8 @@ class Lease:
     expires_at: float  # monotonic: our conservative view of when the visibility timeout ends
     renew_at: float
     lost: str | None = None  # why the lease is gone ("expired", "taken"), None while held
+    closing: bool = False  # its outcome is being written: a renewal that misses it raced with that write
+    done: Any = None  # what the executor needs to count the job once its acknowledgement is confirmed
     on_lost: Callable[[Lease], None] | None = None
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
@@ -43,11 +46,24 @@ class Lease:
     def held(self) -> bool:
         return self.lost is None
 
+    @property
+    def margin(self) -> float:
+        """How long before its visibility timeout could end the lease counts as lost: time to stop the job."""
+        return min(EXPIRY_MARGIN_MAX, self.queue.visibility_timeout * 0.1)
+
+    def alive(self) -> bool:
+        """Still ours by the clock, whether or not the lease timer could fire yet (the event loop may be busy,
+        or the caller a thread): what a job checks at the moment it starts."""
+        return self.lost is None and time.monotonic() < self.expires_at - self.margin
+
 
 class LeaseKeeper:
     def __init__(self, db: Database, observers: WorkerObserver) -> None:
         self._db = db
         self._observers = observers
+        # Called when a delivery of ours ends with no outcome written: its message becomes visible when the
+        # lease runs out, and the fetch loop of its queue should look then, not at the next fallback poll.
+        self.on_ended: Callable[[Lease, float], None] | None = None
         self._leases: dict[tuple[str, int], Lease] = {}
         self._wake = asyncio.Event()
         self._next_renewal = float("inf")
@@ -76,12 +92,25 @@ class LeaseKeeper:
             lease._timer.cancel()
             lease._timer = None
 
+    def abandon(self, lease: Lease) -> None:
+        """Stop renewing a delivery whose outcome could not be written: its message comes back at its lease's end."""
+        self.release(lease)
+        self._ended(lease)
+
+    def _ended(self, lease: Lease) -> None:
+        if self.on_ended is not None:
+            # Our view of the end is early by up to the read's round trip: look a margin later (a look that
+            # comes too early plans on the message's real vt anyway).
+            self.on_ended(lease, max(0.0, lease.expires_at + lease.margin - time.monotonic()))
+
     def lose(self, lease: Lease, why: str, operation: str) -> None:
         """The delivery is not ours any more: stop the job, and never write about it again."""
         if lease.lost is not None:
             return
         lease.lost = why
         self.release(lease)
+        if why == "expired":
+            self._ended(lease)  # ("taken": another worker holds the message; it is theirs to finish)
         self._observers.lease_lost(lease.queue.name, lease.msg_id, operation)
         logger.warning(
             "lease_lost",
@@ -101,10 +130,9 @@ class LeaseKeeper:
     def _arm(self, lease: Lease) -> None:
         if lease._timer is not None:
             lease._timer.cancel()
-        margin = min(EXPIRY_MARGIN_MAX, lease.queue.visibility_timeout * 0.1)
         loop = asyncio.get_running_loop()
         # loop.time() is monotonic too, but not necessarily time.monotonic(): convert.
-        fire_at = loop.time() + (lease.expires_at - margin - time.monotonic())
+        fire_at = loop.time() + (lease.expires_at - lease.margin - time.monotonic())
         lease._timer = loop.call_at(fire_at, self.lose, lease, "expired", "lease_clock")
 
     async def run(self) -> None:
@@ -158,10 +186,14 @@ class LeaseKeeper:
             for lease in leases:
                 if lease.lost is not None:
                     continue  # lost while the statement ran: its timer already stopped the job
+                if self._leases.get((queue, lease.msg_id)) is not lease:
+                    continue  # its outcome was written while the statement ran: done, not lost
                 if lease.msg_id in renewed:
                     lease.expires_at = sent_at + config.visibility_timeout
                     lease.renew_at = sent_at + config.visibility_timeout / 2
                     self._arm(lease)
+                elif lease.closing:
+                    continue  # its outcome write (which closes or deletes the delivery) won the race: it reports
                 else:
                     self.lose(lease, "taken", "renew_lease")
             logger.debug("leases_renewed", extra={"event": "leases_renewed", "queue": queue, "msg_ids": sorted(renewed)})

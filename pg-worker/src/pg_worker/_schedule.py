@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 _WINDOW = re.compile(
@@ -36,6 +36,29 @@ def _parse_time(text: str) -> time:
     if not (0 <= hours <= 23 and 0 <= minutes <= 59):
         raise InvalidSchedule(f"invalid time of day {text!r}")
     return time(hours, minutes)
+
+
+def _edge_instant(wall: datetime, tz: tzinfo | None) -> datetime:
+    """The instant (UTC) at which the clocks of ``tz`` first show the naive wall time ``wall``.
+
+    On a fall-back day that is its first occurrence. On a spring-forward day a wall time inside the gap never
+    shows: the clocks jump past it, and that jump is its instant. (zoneinfo alone would put it an hour after the
+    jump, which can carry a window's start past its end and skip the whole window that day.)
+    """
+    first = wall.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    second = wall.replace(tzinfo=tz, fold=1).astimezone(UTC)
+    if second >= first:  # an ordinary wall time, or a repeated one (fold=0 is the first)
+        return first
+    # Inside a gap: fold=1 reads it with the later offset (an instant before the jump), fold=0 with the earlier
+    # (after it). Find the jump between them to the millisecond.
+    before, after = second, first
+    while after - before > timedelta(milliseconds=1):
+        middle = before + (after - before) / 2
+        if middle.astimezone(tz).replace(tzinfo=None) >= wall:
+            after = middle
+        else:
+            before = middle
+    return after
 
 
 @dataclass(frozen=True)
@@ -96,7 +119,7 @@ class PollSchedule:
 
         Compared and subtracted in UTC: arithmetic between datetimes of one zone is wall-clock arithmetic in
         Python, which is off by the shift on the days the clocks change. An edge that does not exist that day
-        (inside a spring-forward gap) happens when the clocks jump past it.
+        (inside a spring-forward gap) happens when the clocks jump past it (:func:`_edge_instant`).
         """
         tz = local.tzinfo
         now_utc = local.astimezone(UTC)
@@ -105,7 +128,7 @@ class PollSchedule:
             date = (local + timedelta(days=day)).date()
             for window in self.windows:
                 for edge in (window.start, window.end):
-                    instant = datetime.combine(date, edge, tzinfo=tz).astimezone(UTC)
+                    instant = _edge_instant(datetime.combine(date, edge), tz)
                     if instant > now_utc:
                         candidates.append((instant, edge))
         return min(candidates) if candidates else None

@@ -144,19 +144,34 @@ def qualified_queue_table(queue: str) -> str:
 # Headers pg-worker keeps on a message for itself (never shown to handlers):
 CLOSED_KEY = "x-pg-worker-closed"  # read_ct of the last delivery that ended with a recorded retry or hand-back
 HANDBACKS_KEY = "x-pg-worker-handbacks"  # deliveries that are not attempts: given back at shutdown, or deferred
-SOLO_KEY = "x-pg-worker-solo"  # times the message started running alone after a worker died under it
-INTERNAL_HEADERS = (CLOSED_KEY, HANDBACKS_KEY, SOLO_KEY)
+SOLO_KEY = "x-pg-worker-solo"  # times the message started as the only suspect running (its worker had died under it)
+# Headers that are not a JSON object (pgmq takes any JSON: null, an array, a string) are kept under this key
+# once pg-worker must record something on the message; handlers and the dead-letter queue see them as sent.
+ORIGINAL_KEY = "x-pg-worker-headers"
+INTERNAL_HEADERS = (CLOSED_KEY, HANDBACKS_KEY, SOLO_KEY, ORIGINAL_KEY)
+# read_ct is an int4: a message read this often cannot be read again (the increment would overflow and fail the
+# whole read of its queue). The read leaves it there, and the worker dead-letters it without running it.
+MAX_READ_CT = 2147483647
 
 _HELD = "unnest(%(ids)s::bigint[], %(cts)s::int[]) AS held(id, ct)"
 _MATCH_HELD = "m.msg_id = held.id AND m.read_ct = held.ct"
 
 
 def _merge_headers(pairs: str) -> str:
-    """``m.headers`` with pg-worker's own keys merged in (headers that are not a JSON object stay as they are)."""
+    """``m.headers`` with pg-worker's own keys merged in; headers that are not a JSON object are kept whole
+    under ``ORIGINAL_KEY`` (else nothing could be recorded on them, and a poison message would never be caught)."""
     return (
-        "CASE WHEN m.headers IS NULL OR jsonb_typeof(m.headers) = 'object' "
-        f"THEN coalesce(m.headers, '{{{{}}}}'::jsonb) || jsonb_build_object({pairs}) ELSE m.headers END"
+        "CASE WHEN m.headers IS NULL THEN jsonb_build_object(" + pairs + ") "
+        "WHEN jsonb_typeof(m.headers) = 'object' THEN m.headers || jsonb_build_object(" + pairs + ") "
+        f"ELSE jsonb_build_object('{ORIGINAL_KEY}', m.headers) || jsonb_build_object(" + pairs + ") END"
     )
+
+
+# The headers as the producer sent them: pg-worker's keys removed, non-object headers unwrapped.
+_PUBLIC_HEADERS = (
+    f"CASE WHEN jsonb_typeof(m.headers) <> 'object' THEN m.headers WHEN m.headers ? '{ORIGINAL_KEY}' "
+    f"THEN m.headers->'{ORIGINAL_KEY}' ELSE m.headers - ARRAY[" + ", ".join(f"'{key}'" for key in INTERNAL_HEADERS) + "] END"
+)
 
 
 def read(queue: str, *, unmark: bool) -> sql.Composed:
@@ -192,7 +207,7 @@ def read(queue: str, *, unmark: bool) -> sql.Composed:
             UPDATE pgmq.{t} m
             SET last_read_at = clock_timestamp(),
                 vt = clock_timestamp() + make_interval(secs => %(vt)s),
-                read_ct = m.read_ct + 1
+                read_ct = CASE WHEN m.read_ct < """ + str(MAX_READ_CT) + """ THEN m.read_ct + 1 ELSE m.read_ct END
             FROM leased
             WHERE m.msg_id = leased.msg_id
             RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers
@@ -311,10 +326,13 @@ def archive_held(queue: str) -> sql.Composed:
 
 
 def extend_leases(queue: str) -> sql.Composed:
-    """Renew the visibility timeout of held messages; returns the ids whose lease was still ours."""
+    """Renew the visibility timeout of held messages; returns the ids whose lease was still ours.
+
+    A delivery closed meanwhile (a retry or hand-back recorded while this statement waited for the row) is left
+    alone: renewing it would overwrite the retry's delay."""
     return sql.SQL(
         "UPDATE pgmq.{t} m SET vt = clock_timestamp() + make_interval(secs => %(vt)s) FROM " + _HELD
-        + " WHERE " + _MATCH_HELD + " RETURNING m.msg_id"
+        + " WHERE " + _MATCH_HELD + f" AND (m.headers->>'{CLOSED_KEY}') IS DISTINCT FROM m.read_ct::text RETURNING m.msg_id"
     ).format(t=sql.Identifier(queue_table(queue)))
 
 
@@ -350,7 +368,7 @@ def hand_back(queue: str, *, keep_vt: bool = False) -> sql.Composed:
 
 
 def mark_solo(queue: str) -> sql.Composed:
-    """Record, before it runs, that a message suspected of killing a worker starts running alone."""
+    """Record, before it runs, that a message suspected of killing a worker starts in the suspect lane."""
     solo = f"coalesce((m.headers->>'{SOLO_KEY}')::int, 0) + 1"
     return sql.SQL(
         "UPDATE pgmq.{t} m SET headers = " + _merge_headers(f"'{SOLO_KEY}', {solo}")
@@ -364,16 +382,15 @@ def dead_letter(queue: str) -> sql.Composed:
     The DLQ copy is built from the row as it is deleted, so nothing is sent if the delivery is not ours any
     more. ``attempts`` leaves out deliveries handed back at shutdown; pg-worker's own headers are dropped.
     """
-    internal = ", ".join(f"'{key}'" for key in INTERNAL_HEADERS)
     return sql.SQL(
         """
         WITH moved AS (
             DELETE FROM pgmq.{table} m WHERE m.msg_id = %(msg_id)s AND m.read_ct = %(read_ct)s
             RETURNING m.msg_id, m.read_ct - coalesce((m.headers->>'"""
         + HANDBACKS_KEY
-        + """')::int, 0) AS attempts, m.enqueued_at, m.message, m.headers - ARRAY["""
-        + internal
-        + """] AS headers
+        + """')::int, 0) AS attempts, m.enqueued_at, m.message, """
+        + _PUBLIC_HEADERS
+        + """ AS headers
         )
         SELECT pgmq.send(
             %(dlq)s,

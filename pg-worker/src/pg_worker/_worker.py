@@ -28,7 +28,7 @@ from ._events import ObserverGroup, WakeupSource, WorkerObserver
 from ._executor import Executor, JobTimeout
 from ._fetcher import Fetchers, QueueFetcher
 from ._install import SetupError, check_setup, install
-from ._leases import Lease, LeaseKeeper
+from ._leases import EXPIRY_MARGIN_MAX, Lease, LeaseKeeper
 from ._listener import Listener
 from ._slots import Slots
 
@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 
 T = TypeVar("T")
+
+HEARTBEAT = 0.25
+# The event loop blocked longer than this (or than the shortest lease margin) is logged and counted.
+LOOP_BLOCKED_BOUND = 0.5
 
 # The server's own word that this database can never work as configured: retrying cannot help.
 _PERMANENT_SQLSTATES = {"3D000", "28000", "28P01"}  # no such database; role / authorization; bad password
@@ -135,16 +139,20 @@ class Worker:
             stop.set()
         queues = self.app.queues
         self._db = db = Database(self.conninfo, self.config, self.observers, self.health, max_size=len(queues) + 3)
-        self._slots = slots = Slots(self.config.concurrency)
-        self._leases = leases = LeaseKeeper(db, self.observers)
-        completer = Completer(db, leases, dict(queues))
+        self._slots = slots = Slots(self._capacity())
         # Reads default to half the concurrency, so one batch runs while the next is being read.
         default_batch = max(1, min(100, self.config.concurrency // 2))
         fetch_states = {name: QueueFetcher(cfg, cfg.batch_size or default_batch) for name, cfg in queues.items()}
+        self._leases = leases = LeaseKeeper(db, self.observers)
+        # A delivery that ended with no outcome (lease run out, outcome not written) is visible again at its
+        # lease's end: its fetch loop looks then, not at the next fallback poll.
+        leases.on_ended = lambda lease, delay: fetch_states[lease.queue.name].retry_scheduled(delay)
+        completer = Completer(db, leases, dict(queues), on_retry=lambda queue, delay: fetch_states[queue].retry_scheduled(delay))
         threads = ThreadPoolExecutor(self.config.thread_pool_size, thread_name_prefix="pg-worker-job")
         self._executor = executor = Executor(
             self.app, leases, completer, self.observers, self.health, threads, on_retry=lambda queue, delay: fetch_states[queue].retry_scheduled(delay)
         )
+        completer.on_acked = executor.acked
         self._fetchers = fetchers = Fetchers(self.config, fetch_states, db, slots, leases, completer, self.observers, stop, self._start_job)
         try:
             if await self._start_up(db):
@@ -192,6 +200,14 @@ class Worker:
         stack.push_async_callback(leave)
         return True
 
+    def _capacity(self) -> int:
+        """How many jobs may be read at once. With sync handlers only, no more than there are threads: a job
+        read before a thread is free would wait holding its lease, which another worker could use meanwhile."""
+        handlers = [h for by_type in self.app._handlers.values() for h in by_type.values()]
+        if handlers and not any(h.is_async for h in handlers):
+            return min(self.config.concurrency, self.config.thread_pool_size)
+        return self.config.concurrency
+
     def _start_job(self, lease: Lease, row: Row) -> None:
         assert self._executor is not None and self._slots is not None and self._leases is not None
         slots, leases = self._slots, self._leases
@@ -204,7 +220,7 @@ class Worker:
             if not finished.cancelled() and finished.exception() is not None:
                 # A bug of ours, not the handler's (those are job failures): stop renewing, so the message
                 # comes back after its lease, and say so.
-                leases.release(lease)
+                leases.abandon(lease)
                 logger.error("job_task_failed", extra={"event": "job_task_failed", "queue": lease.queue.name, "msg_id": lease.msg_id, "error": repr(finished.exception())})
 
         task.add_done_callback(done)
@@ -403,10 +419,26 @@ class Worker:
                 logger.error("background_task_stuck", extra={"event": "background_task_stuck", "task": self._background[task], "note": "did not end within 10s of its cancellation"})
 
     async def _heartbeat(self) -> None:
-        """Proves to the liveness probe (another thread) that this event loop is not blocked. No I/O."""
+        """Proves to the liveness probe (another thread) that this event loop is not blocked, and says so when it
+        was: a handler that blocks the loop also blocks the lease clock, so its message may run elsewhere
+        meanwhile (docs/delivery.md). No I/O."""
+        # Past the lease margin, a blocked loop can outlast a lease before its timer gets to stop the job.
+        bound = min([LOOP_BLOCKED_BOUND, *(min(EXPIRY_MARGIN_MAX, q.visibility_timeout * 0.1) for q in self.app.queues.values())])
         while True:
-            self.health.last_tick = time.monotonic()
-            await asyncio.sleep(1.0)
+            before = self.health.last_tick = time.monotonic()
+            await asyncio.sleep(HEARTBEAT)
+            blocked = time.monotonic() - before - HEARTBEAT
+            if blocked > bound:
+                self.observers.event_loop_blocked(blocked)
+                logger.warning(
+                    "event_loop_blocked",
+                    extra={
+                        "event": "event_loop_blocked",
+                        "blocked_s": round(blocked, 3),
+                        "bound_s": round(bound, 3),
+                        "note": "a handler blocked the event loop (blocking I/O or CPU work in an async def?): leases cannot be renewed meanwhile; run it in a thread",
+                    },
+                )
 
     # -- wakeups --------------------------------------------------------------------------------------------
 

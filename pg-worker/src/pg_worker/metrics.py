@@ -35,9 +35,10 @@ LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.
 DB_OPERATIONS = (
     "startup", "read", "check", "poll", "ack", "retry", "dead_letter", "hand_back", "renew_lease", "mark_solo", "unmark", "listen", "queue_stats",
 )
-# What finds a lease lost: a fenced write that matched nothing, or the lease's own clock.
-LEASE_OPERATIONS = ("ack", "retry", "dead_letter", "hand_back", "renew_lease", "mark_solo", "lease_clock")
-REJECT_REASONS = ("not_an_object", "invalid_type", "unknown_type", "invalid_payload")
+# What finds a lease lost: a fenced write that matched nothing, or the lease's own clock. ``start``: a job read
+# but still waiting to start (for a thread, behind a suspect) whose lease had ended: dropped without running.
+LEASE_OPERATIONS = ("ack", "retry", "dead_letter", "hand_back", "renew_lease", "mark_solo", "lease_clock", "start")
+REJECT_REASONS = ("not_an_object", "invalid_type", "unknown_type", "invalid_payload", "read_ct_exhausted")
 WORKER_ERROR_TYPES = ("JobTimeout", "PermanentFailure")
 
 
@@ -69,6 +70,9 @@ class WorkerMetrics(WorkerObserver):
         self.db_errors = Counter("pg_worker_db_errors", "Failed database operations, by operation.", ["operation"], registry=r)
         self.leases_lost = Counter(
             "pg_worker_leases_lost", "Held deliveries found not to be ours any more, by what found it.", ["queue", "operation"], registry=r
+        )
+        self.loop_blocked = Counter(
+            "pg_worker_event_loop_blocked", "Times the event loop was blocked past the bound (a handler doing blocking work on it).", registry=r
         )
         self.last_notification = Gauge(
             "pg_worker_last_notification_age_seconds", "Seconds since the last NOTIFY arrived (-1: none yet).", registry=r
@@ -135,6 +139,9 @@ class WorkerMetrics(WorkerObserver):
 
     def lease_lost(self, queue: str, msg_id: int, operation: str) -> None:
         self._child(self.leases_lost, queue, operation).inc()
+
+    def event_loop_blocked(self, seconds: float) -> None:
+        self.loop_blocked.inc()
 
 
 class QueueStatsCollector(Collector):

@@ -215,22 +215,43 @@ async def test_a_dead_letter_masks_secrets_in_the_error_it_stores(db_url: str, p
 
 async def test_a_failure_whose_retry_cannot_be_recorded_is_reported_as_failed(db_url: str, producer: Producer) -> None:
     app = App()
-    app.queue("jobs", visibility_timeout=2)
+    app.queue("jobs", visibility_timeout=30)
 
     @app.handler("jobs")
     async def handle(job: Job[dict[str, Any]]) -> None:
         if job.attempt == 1:
-            # The database drops the worker's connections while the handler runs: recording the retry fails.
+            # The database refuses the worker's writes while the handler runs: recording the retry fails.
             async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
-                await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+                await conn.execute("INSERT INTO refuse_retries VALUES (true)")
             raise TimeoutError("router slow")
 
     await pg_worker.install(db_url, ["jobs"])
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute(REFUSE_RETRIES)
     observer = RecordingObserver()
-    async with running_worker(app, db_url, observer, poll=PollSchedule(interval=0.5)):
+    async with running_worker(app, db_url, observer, poll=TEN_MINUTES):
         producer.enqueue("jobs", {})
-        await wait_until(lambda: observer.outcomes(Outcome.SUCCEEDED), timeout=10, what="second attempt after the lease")
+        await wait_until(lambda: observer.finished, timeout=10, what="the first attempt")
+        assert "retry" in observer.db_errors
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            await conn.execute("DELETE FROM refuse_retries")  # the database is back...
+        # ...and the retry kept since is written then: the job runs again after its delay, not after its lease.
+        await wait_until(lambda: observer.outcomes(Outcome.SUCCEEDED), timeout=10, what="second attempt")
     assert [f.outcome for f in observer.finished] == [Outcome.FAILED, Outcome.SUCCEEDED]
+
+
+# A retry (an UPDATE that closes the delivery) fails while refuse_retries has a row.
+REFUSE_RETRIES = """
+CREATE TABLE refuse_retries (on_ boolean);
+CREATE FUNCTION refuse_retry() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.headers ? 'x-pg-worker-closed' AND EXISTS (SELECT 1 FROM refuse_retries) THEN
+        RAISE EXCEPTION 'writes refused (test)';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_retry BEFORE UPDATE ON pgmq.q_jobs FOR EACH ROW EXECUTE FUNCTION refuse_retry();
+"""
 
 
 async def test_an_idle_worker_does_not_wake_at_every_renewal_of_another_workers_long_job(db_url: str, producer: Producer) -> None:

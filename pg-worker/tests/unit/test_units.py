@@ -244,6 +244,20 @@ def test_schedule_window_starting_inside_a_spring_forward_gap_opens_when_the_clo
     assert delay == 2 * 3600, "the window opens when the clocks jump to 01:00, two real hours later"
 
 
+def test_a_window_whose_start_falls_in_a_spring_forward_gap_still_polls_that_day() -> None:
+    tz = ZoneInfo("America/Santiago")  # on 2026-09-06 the clocks go from 23:59:59 to 01:00
+    schedule = PollSchedule.parse("00:30-01:30 every 10m", interval=None, timezone="America/Santiago")
+    now = datetime(2026, 9, 5, 22, 0, tzinfo=tz).astimezone(UTC)
+    polls = []
+    for _ in range(5):
+        delay = schedule.next_delay(now)
+        assert delay is not None
+        now += timedelta(seconds=delay)
+        polls.append(now.astimezone(tz).strftime("%d %H:%M"))
+    # The window's wall-clock part that exists that day, 01:00-01:30, is polled; then the next day's.
+    assert polls == ["06 01:00", "06 01:10", "06 01:20", "06 01:30", "07 00:30"]
+
+
 def test_jitter_shortens_intervals_but_never_moves_a_poll_outside_a_window() -> None:
     schedule = PollSchedule.parse("08:00-18:00 every 15m", interval=None, timezone="UTC")
     before_window = datetime(2026, 5, 4, 7, 0, tzinfo=UTC)
