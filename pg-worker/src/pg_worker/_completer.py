@@ -13,7 +13,6 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from . import _sql
@@ -47,11 +46,11 @@ class QueueAcks:
 
     config: QueueConfig
     pending: list[Lease] = field(default_factory=list)
-    statement: sql.Composed = field(init=False)
+    statement: bytes = field(init=False)
 
     def __post_init__(self) -> None:
         name = self.config.name
-        self.statement = _sql.archive_held(name) if self.config.on_success == "archive" else _sql.delete_held(name)
+        self.statement = _sql.per_queue(_sql.archive_held if self.config.on_success == "archive" else _sql.delete_held, name)
 
     @property
     def piggyback(self) -> bool:
@@ -158,7 +157,7 @@ class Completer:
 
     # -- single outcome writes --------------------------------------------------------------------------------
 
-    async def _fenced(self, operation: str, lease: Lease, query: sql.Composed, params: dict[str, Any]) -> bool | None:
+    async def _fenced(self, operation: str, lease: Lease, query: bytes, params: dict[str, Any]) -> bool | None:
         """True: written; False: the lease was lost; None: the database failed (the message comes back later)."""
         if not lease.held:
             return False
@@ -175,17 +174,17 @@ class Completer:
         return True
 
     async def retry(self, lease: Lease, delay: float) -> bool | None:
-        return await self._fenced("retry", lease, _sql.retry_later(lease.queue.name), {"msg_id": lease.msg_id, "read_ct": lease.read_ct, "delay": delay})
+        return await self._fenced("retry", lease, _sql.per_queue(_sql.retry_later, lease.queue.name), {"msg_id": lease.msg_id, "read_ct": lease.read_ct, "delay": delay})
 
     async def dead_letter(self, lease: Lease, error: dict[str, Any]) -> bool | None:
         queue = lease.queue.name
         params = {"queue": queue, "dlq": dlq_name(queue), "msg_id": lease.msg_id, "read_ct": lease.read_ct, "error": Jsonb(error)}
-        return await self._fenced("dead_letter", lease, _sql.dead_letter(queue), params)
+        return await self._fenced("dead_letter", lease, _sql.per_queue(_sql.dead_letter, queue), params)
 
     async def mark_solo(self, lease: Lease) -> bool | None:
-        return await self._mark(lease, _sql.mark_solo(lease.queue.name))
+        return await self._mark(lease, _sql.per_queue(_sql.mark_solo, lease.queue.name))
 
-    async def _mark(self, lease: Lease, query: sql.Composed) -> bool | None:
+    async def _mark(self, lease: Lease, query: bytes) -> bool | None:
         """A fenced write that keeps the lease (it is not an outcome)."""
         try:
             rows = await self._db.fetchall(query, {"msg_id": lease.msg_id, "read_ct": lease.read_ct})
@@ -205,7 +204,7 @@ class Completer:
                 by_queue.setdefault(lease.queue.name, []).append(lease)
         for queue, held in by_queue.items():
             try:
-                rows = await self._db.fetchall(_sql.hand_back(queue), fence_params(held))
+                rows = await self._db.fetchall(_sql.per_queue(_sql.hand_back, queue), fence_params(held))
             except DB_ERRORS as exc:
                 self._db.failed("hand_back", exc, queue=queue, msg_ids=[lease.msg_id for lease in held])
                 continue

@@ -143,7 +143,7 @@ class LeaseKeeper:
                 # Bounded: a renewal that cannot finish within a quarter of the lease is useless anyway, and
                 # the keeper must get back to the other queues.
                 rows = await self._db.fetchall(
-                    _sql.extend_leases(queue),
+                    _sql.per_queue(_sql.extend_leases, queue),
                     {"ids": [lease.msg_id for lease in leases], "cts": [lease.read_ct for lease in leases], "vt": config.visibility_timeout},
                     timeout=max(1.0, config.visibility_timeout / 4),
                 )
