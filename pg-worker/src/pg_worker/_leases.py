@@ -1,10 +1,15 @@
 """Leases: every message this worker holds, from its read until its outcome is written.
 
 The lease keeper renews visibility timeouts at half their length, one fenced statement per queue. Whether a
-lease still holds is judged from a clock, not from the keeper's statements: each lease carries a timer set to
-just before the moment its visibility timeout could have run out (counted from when the last successful read
-or renewal was *sent*), and when it fires the lease is lost and its job stopped, even while a renewal
-statement hangs. A renewal that matches no row (another worker holds a newer delivery) loses the lease too.
+lease still holds is judged from a clock, not from the keeper's statements: each lease is lost just before the
+moment its visibility timeout could have run out (counted from when the last successful read or renewal was
+*sent*), and its job stopped, even while a renewal statement hangs. A renewal that matches no row (another
+worker holds a newer delivery) loses the lease too.
+
+The clock is one timer for all leases, armed no later than the earliest moment any lease could expire (a
+timer per lease cost a handle, a heap push and a cancel for every job). Leases read together expire together,
+and later reads expire later, so the timer is rarely moved: when it fires it loses what is due and re-arms at
+the next expiry.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ class Lease:
     renew_at: float
     lost: str | None = None  # why the lease is gone ("expired", "taken"), None while held
     on_lost: Callable[[Lease], None] | None = None
-    _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    lost_at: float = field(default=0.0, repr=False)  # monotonic: when the clock counts it lost (expires_at - margin)
 
     @property
     def held(self) -> bool:
@@ -51,6 +56,8 @@ class LeaseKeeper:
         self._leases: dict[tuple[str, int], Lease] = {}
         self._wake = asyncio.Event()
         self._next_renewal = float("inf")
+        self._clock: asyncio.TimerHandle | None = None
+        self._clock_at = float("inf")  # monotonic time the clock fires; never later than any lease's lost_at
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -72,9 +79,6 @@ class LeaseKeeper:
         """The delivery's outcome is written (or given up): stop renewing it."""
         if self._leases.get((lease.queue.name, lease.msg_id)) is lease:
             del self._leases[(lease.queue.name, lease.msg_id)]
-        if lease._timer is not None:
-            lease._timer.cancel()
-            lease._timer = None
 
     def lose(self, lease: Lease, why: str, operation: str) -> None:
         """The delivery is not ours any more: stop the job, and never write about it again."""
@@ -99,13 +103,27 @@ class LeaseKeeper:
             lease.on_lost(lease)
 
     def _arm(self, lease: Lease) -> None:
-        if lease._timer is not None:
-            lease._timer.cancel()
-        margin = min(EXPIRY_MARGIN_MAX, lease.queue.visibility_timeout * 0.1)
+        lease.lost_at = lease.expires_at - min(EXPIRY_MARGIN_MAX, lease.queue.visibility_timeout * 0.1)
+        if lease.lost_at < self._clock_at:
+            self._set_clock(lease.lost_at)
+
+    def _set_clock(self, at: float) -> None:
+        if self._clock is not None:
+            self._clock.cancel()
+        self._clock_at = at
         loop = asyncio.get_running_loop()
         # loop.time() is monotonic too, but not necessarily time.monotonic(): convert.
-        fire_at = loop.time() + (lease.expires_at - margin - time.monotonic())
-        lease._timer = loop.call_at(fire_at, self.lose, lease, "expired", "lease_clock")
+        self._clock = loop.call_at(loop.time() + (at - time.monotonic()), self._tick)
+
+    def _tick(self) -> None:
+        """The clock: lose every lease whose time is up, then re-arm at the next one."""
+        self._clock, self._clock_at = None, float("inf")
+        now = time.monotonic() + 0.001  # the loop may run a timer a hair early: never re-arm for a microsecond
+        due = [lease for lease in self._leases.values() if lease.lost_at <= now]
+        for lease in due:
+            self.lose(lease, "expired", "lease_clock")
+        if self._leases and self._clock is None:
+            self._set_clock(min(lease.lost_at for lease in self._leases.values()))
 
     async def run(self) -> None:
         """Renew the leases that are due, one statement per queue."""
