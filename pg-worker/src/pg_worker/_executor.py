@@ -216,7 +216,7 @@ class Executor:
         try:
             try:
                 if handler.is_async:
-                    await self._run_async(lease, job, handler)
+                    await self._run_async(lease, job, handler, task)
                 else:
                     await self._run_sync(lease, job, handler)
             except asyncio.CancelledError:
@@ -247,18 +247,29 @@ class Executor:
         self._completer.ack(lease)
         self._finish(job, Outcome.SUCCEEDED, started, None, handler)
 
-    async def _run_async(self, lease: Lease, job: Job[Any], handler: Handler) -> None:
-        deadline = asyncio.timeout(lease.queue.job_timeout)
+    async def _run_async(self, lease: Lease, job: Job[Any], handler: Handler, task: asyncio.Task[Any]) -> None:
+        # The timeout is kept by the lease clock (one timer for every job, not one per job); a TimeoutError
+        # the handler raises itself (a slow router) is an ordinary failure, never taken for ours.
+        timed_out = False
+
+        def time_out(_lease: Lease) -> None:
+            nonlocal timed_out
+            timed_out = True
+            task.cancel("job timeout")
+
+        self._leases.set_deadline(lease, lease.queue.job_timeout, time_out)
         try:
-            async with deadline:
-                func: Any = handler.func
-                result = func(job)
-                if inspect.isawaitable(result):
-                    result = await result
-        except TimeoutError:
-            if not deadline.expired():
-                raise  # the handler's own TimeoutError (a slow router), not ours
+            func: Any = handler.func
+            result = func(job)
+            if inspect.isawaitable(result):
+                result = await result
+        except asyncio.CancelledError:
+            if not timed_out:
+                raise
+            task.uncancel()
             raise JobTimeout(f"job exceeded job_timeout of {lease.queue.job_timeout:g}s") from None
+        finally:
+            self._leases.clear_deadline(lease)
         _check_result(handler, result)
 
     async def _run_sync(self, lease: Lease, job: Job[Any], handler: Handler) -> None:

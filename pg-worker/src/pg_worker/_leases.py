@@ -43,6 +43,8 @@ class Lease:
     lost: str | None = None  # why the lease is gone ("expired", "taken"), None while held
     on_lost: Callable[[Lease], None] | None = None
     lost_at: float = field(default=0.0, repr=False)  # monotonic: when the clock counts it lost (expires_at - margin)
+    deadline: float = field(default=float("inf"), repr=False)  # monotonic: when the running job times out
+    on_deadline: Callable[[Lease], None] | None = field(default=None, repr=False)
 
     @property
     def held(self) -> bool:
@@ -107,6 +109,18 @@ class LeaseKeeper:
         if lease.lost_at < self._clock_at:
             self._set_clock(lease.lost_at)
 
+    def set_deadline(self, lease: Lease, seconds: float, on_deadline: Callable[[Lease], None]) -> None:
+        """Call ``on_deadline`` once, ``seconds`` from now, unless :meth:`clear_deadline` or the lease's end
+        comes first. The same clock as the leases: no timer per job (``asyncio.timeout`` cost one each)."""
+        lease.deadline = time.monotonic() + seconds
+        lease.on_deadline = on_deadline
+        if lease.deadline < self._clock_at:
+            self._set_clock(lease.deadline)
+
+    @staticmethod
+    def clear_deadline(lease: Lease) -> None:
+        lease.deadline, lease.on_deadline = float("inf"), None
+
     def _set_clock(self, at: float) -> None:
         if self._clock is not None:
             self._clock.cancel()
@@ -119,11 +133,17 @@ class LeaseKeeper:
         """The clock: lose every lease whose time is up, then re-arm at the next one."""
         self._clock, self._clock_at = None, float("inf")
         now = time.monotonic() + 0.001  # the loop may run a timer a hair early: never re-arm for a microsecond
+        late = [lease for lease in self._leases.values() if lease.deadline <= now]
+        for lease in late:
+            on_deadline = lease.on_deadline
+            self.clear_deadline(lease)
+            if on_deadline is not None:
+                on_deadline(lease)
         due = [lease for lease in self._leases.values() if lease.lost_at <= now]
         for lease in due:
             self.lose(lease, "expired", "lease_clock")
         if self._leases and self._clock is None:
-            self._set_clock(min(lease.lost_at for lease in self._leases.values()))
+            self._set_clock(min(min(lease.lost_at, lease.deadline) for lease in self._leases.values()))
 
     async def run(self) -> None:
         """Renew the leases that are due, one statement per queue."""
