@@ -58,8 +58,8 @@ class QueueAcks:
         return self.config.on_success == "delete"
 
 
-def fence_params(leases: list[Lease]) -> dict[str, list[int]]:
-    return {"ids": [lease.msg_id for lease in leases], "cts": [lease.read_ct for lease in leases]}
+def fence_params(leases: list[Lease]) -> dict[str, str]:
+    return {"ids": _sql.int_array(lease.msg_id for lease in leases), "cts": _sql.int_array(lease.read_ct for lease in leases)}
 
 
 class Completer:

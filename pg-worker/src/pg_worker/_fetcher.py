@@ -211,8 +211,8 @@ class Fetchers:
             "vt": q.config.visibility_timeout,
             "qty": qty,
             "worker": self.config.worker_id,
-            "ids": [lease.msg_id for lease in acks],
-            "cts": [lease.read_ct for lease in acks],
+            "ids": _sql.int_array(lease.msg_id for lease in acks),
+            "cts": _sql.int_array(lease.read_ct for lease in acks),
         }
         sent_at = time.monotonic()
         try:

@@ -182,7 +182,7 @@ class LeaseKeeper:
                 # the keeper must get back to the other queues.
                 rows = await self._db.fetchall(
                     _sql.per_queue(_sql.extend_leases, queue),
-                    {"ids": [lease.msg_id for lease in leases], "cts": [lease.read_ct for lease in leases], "vt": config.visibility_timeout},
+                    {"ids": _sql.int_array(lease.msg_id for lease in leases), "cts": _sql.int_array(lease.read_ct for lease in leases), "vt": config.visibility_timeout},
                     timeout=max(1.0, config.visibility_timeout / 4),
                 )
             except DB_ERRORS as exc:

@@ -8,7 +8,7 @@ assembled from free text.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from psycopg import sql
 
@@ -24,6 +24,12 @@ def compiled(query: sql.Composed) -> bytes:
     identifier quoted and encoded) on each execution, which showed in the drain profile. Identifiers here are
     validated ASCII names, so the rendering does not depend on the connection's encoding."""
     return query.as_bytes(None)
+
+
+def int_array(values: Iterable[int]) -> str:
+    """Integers as an array literal for ``%(x)s::bigint[]`` / ``::int[]``: psycopg's list adaptation looks up
+    a dumper per element, and the ids and read_cts of every batch go through here (reads, acks, renewals)."""
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 @functools.lru_cache(maxsize=256)
