@@ -17,7 +17,16 @@ Benchmark = Callable[..., list[Row]]
 
 
 def _registry() -> dict[str, Benchmark]:
-    from . import bench_drain, bench_idle, bench_latency, bench_peers, bench_producers, bench_scale, bench_webhook
+    from . import (
+        bench_drain,
+        bench_idle,
+        bench_latency,
+        bench_peers,
+        bench_producers,
+        bench_scale,
+        bench_soak,
+        bench_webhook,
+    )
 
     return {
         "drain": bench_drain.run,
@@ -27,7 +36,12 @@ def _registry() -> dict[str, Benchmark]:
         "peers": bench_peers.run,
         "idle": bench_idle.run,
         "webhook": bench_webhook.run,
+        "soak": bench_soak.run,
     }
+
+
+# Run only when named (--only soak): five minutes of faults on a server of its own.
+ON_REQUEST = {"soak"}
 
 
 def _fmt(value: float) -> str:
@@ -73,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per benchmark; the table shows medians (default 3)")
     parser.add_argument("--only", default="", help="comma-separated benchmark names")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument("--duration", type=float, default=None, help="soak: seconds of load and faults (default 300; 20 with --quick)")
     args = parser.parse_args(argv)
     registry = _registry()
-    names = [n for n in args.only.split(",") if n] or list(registry)
+    names = [n for n in args.only.split(",") if n] or [n for n in registry if n not in ON_REQUEST]
     unknown = set(names) - set(registry)
     if unknown:
         parser.error(f"unknown benchmarks: {', '.join(sorted(unknown))} (known: {', '.join(registry)})")
@@ -89,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             if name == "idle":
                 continue
             print(f"# {name} ...", file=sys.stderr, flush=True)
-            rows.extend(registry[name](pg, quick=args.quick, repeat=args.repeat))
+            options = {"duration": args.duration} if name == "soak" else {}
+            rows.extend(registry[name](pg, quick=args.quick, repeat=args.repeat, **options))
         if idle is not None:
             print("# idle ...", file=sys.stderr, flush=True)
             rows.extend(idle.result())

@@ -75,7 +75,7 @@ _first = []
 async def noop(job):
     if not _first:
         _first.append(time.time())
-        (_OUT / f"{os.getpid()}.first").write_text(repr(_first[0]))
+        (_OUT / f"{os.getpid()}.first").write_text(f"{_first[0]!r} {time.process_time()!r}")
 '''
 
 
@@ -99,6 +99,7 @@ class Variant:
     raw: list[float] = field(default_factory=list)  # the raw loop run just before each of ours
     startup: list[float] = field(default_factory=list)  # seconds from spawn to the first handler call
     cpu_us: list[float] = field(default_factory=list)  # the worker process's CPU time per job (start-up included)
+    cpu_drain_us: list[float] = field(default_factory=list)  # the same from the first job on (start-up excluded)
 
     @property
     def python(self) -> Path:
@@ -184,8 +185,9 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def worker_run(variant: Variant, pg: Server, count: int, workdir: Path) -> tuple[float, float, float, float]:
-    """(jobs/s including start-up, jobs/s excluding it, start-up seconds, CPU us per job) for one ``pg-worker run``."""
+def worker_run(variant: Variant, pg: Server, count: int, workdir: Path) -> tuple[float, float, float, float, float]:
+    """Jobs/s including start-up and excluding it, start-up seconds, and the worker's CPU us per job including
+    and excluding start-up, for one ``pg-worker run``."""
     with pg.database(["jobs"], install=False) as url:
         out = Path(tempfile.mkdtemp(prefix="ab-", dir=workdir))
         (out / "ab_probe_app.py").write_text(APP_SOURCE)
@@ -209,9 +211,9 @@ def worker_run(variant: Variant, pg: Server, count: int, workdir: Path) -> tuple
                 proc.terminate()
                 proc.wait(60)
         _check_ran(variant, out, proc.pid)
-        first = float((out / f"{proc.pid}.first").read_text())
+        first, cpu_first = (float(x) for x in (out / f"{proc.pid}.first").read_text().split())
         shutil.rmtree(out)
-    return count / (ended - started), count / (ended - first), first - started, cpu / count * 1e6
+    return count / (ended - started), count / (ended - first), first - started, cpu / count * 1e6, (cpu - cpu_first) / count * 1e6
 
 
 def _median(values: list[float]) -> float:
@@ -223,7 +225,7 @@ def report(variants: list[Variant], count: int) -> str:
         f"drain probe: {count:,} queued no-op jobs, `pg-worker run` (default settings) vs raw pgmq.read 100 + delete; "
         f"medians of {len(variants[0].incl)} alternating rounds",
         "",
-        "| version | incl. start-up | ratio to raw | excl. start-up | ratio to raw | start-up | worker CPU per job | raw loop |",
+        "| version | incl. start-up | ratio to raw | excl. start-up | ratio to raw | start-up | worker CPU per job incl. / excl. start-up | raw loop |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
@@ -231,7 +233,7 @@ def report(variants: list[Variant], count: int) -> str:
         ratio_excl = _median([a / r for a, r in zip(v.excl, v.raw, strict=True)])
         lines.append(
             f"| {v.label} | {_median(v.incl):,.0f} jobs/s | {ratio_incl:.2f}x | {_median(v.excl):,.0f} jobs/s | {ratio_excl:.2f}x "
-            f"| {_median(v.startup):.2f} s | {_median(v.cpu_us):.1f} us | {_median(v.raw):,.0f} jobs/s |"
+            f"| {_median(v.startup):.2f} s | {_median(v.cpu_us):.1f} / {_median(v.cpu_drain_us):.1f} us | {_median(v.raw):,.0f} jobs/s |"
         )
     lines.append("")
     for v in variants:
@@ -255,15 +257,16 @@ def main(argv: list[str] | None = None) -> int:
             for v in order:
                 with pg.database(["jobs"]) as url:
                     raw = raw_loop(url, args.count)
-                incl, excl, startup, cpu_us = worker_run(v, pg, args.count, Path(tmp))
+                incl, excl, startup, cpu_us, cpu_drain_us = worker_run(v, pg, args.count, Path(tmp))
                 v.raw.append(raw)
                 v.incl.append(incl)
                 v.excl.append(excl)
                 v.startup.append(startup)
                 v.cpu_us.append(cpu_us)
+                v.cpu_drain_us.append(cpu_drain_us)
                 print(
                     f"# round {round_ + 1} {v.label}: raw {raw:,.0f}/s; worker {incl:,.0f}/s incl ({incl / raw:.2f}x), "
-                    f"{excl:,.0f}/s excl ({excl / raw:.2f}x), start-up {startup:.2f} s, CPU {cpu_us:.1f} us/job",
+                    f"{excl:,.0f}/s excl ({excl / raw:.2f}x), start-up {startup:.2f} s, CPU {cpu_us:.1f} us/job ({cpu_drain_us:.1f} excl. start-up)",
                     file=sys.stderr,
                     flush=True,
                 )
