@@ -67,7 +67,7 @@ class _LeaseLost(Exception):
 
 
 def _int_header(headers: Any, key: str) -> int | None:
-    if not isinstance(headers, Mapping):
+    if headers is None or not isinstance(headers, Mapping):  # None first: most messages have no headers
         return None
     value = headers.get(key)
     try:
@@ -77,7 +77,7 @@ def _int_header(headers: Any, key: str) -> int | None:
 
 
 def public_headers(headers: Any) -> Any:
-    if isinstance(headers, Mapping) and any(key in headers for key in _sql.INTERNAL_HEADERS):
+    if headers is not None and isinstance(headers, Mapping) and any(key in headers for key in _sql.INTERNAL_HEADERS):
         return {k: v for k, v in headers.items() if k not in _sql.INTERNAL_HEADERS}
     return headers
 
@@ -203,7 +203,7 @@ class Executor:
     # -- the handler ----------------------------------------------------------------------------------------
 
     async def _execute(self, lease: Lease, job: Job[Any], handler: Handler) -> None:
-        task = asyncio.current_task()
+        task = lease.task or asyncio.current_task()  # set by the worker: current_task() costs a getpid() here
         assert task is not None
         if handler.is_async:
 

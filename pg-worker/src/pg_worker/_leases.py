@@ -45,6 +45,7 @@ class Lease:
     lost_at: float = field(default=0.0, repr=False)  # monotonic: when the clock counts it lost (expires_at - margin)
     deadline: float = field(default=float("inf"), repr=False)  # monotonic: when the running job times out
     on_deadline: Callable[[Lease], None] | None = field(default=None, repr=False)
+    task: asyncio.Task[None] | None = field(default=None, repr=False)  # the job's task, once it has one
 
     @property
     def held(self) -> bool:

@@ -146,7 +146,7 @@ class Worker:
     def _start_job(self, lease: Lease, row: Row) -> None:
         assert self._executor is not None and self._slots is not None and self._leases is not None
         slots, leases = self._slots, self._leases
-        task = asyncio.create_task(self._executor.run(lease, row[2], row[3], row[4]))
+        task = lease.task = asyncio.create_task(self._executor.run(lease, row[2], row[3], row[4]))
         self._jobs.add(task)
 
         def done(finished: asyncio.Task[None]) -> None:
