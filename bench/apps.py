@@ -40,7 +40,7 @@ def recording_app() -> App:
 
 
 def soak_app() -> App:
-    """Jobs of 20-200 ms for the fault soak (bench/bench_soak.py). Each run appends to $BENCH_OUT/<pid>.runs a
+    """Jobs of 20-200 ms (one in ten 1-3 s) for the fault soak (bench/bench_soak.py). Each run appends to $BENCH_OUT/<pid>.runs a
     start line with what the database says of its lease at that moment (the row's read_ct is still this
     delivery's and its visibility timeout has not passed) and an end line (also when it is cancelled)."""
     import asyncio
@@ -79,7 +79,9 @@ def soak_app() -> App:
         held = await lease_held(job)
         out.write(f"S {job.msg_id} {job.attempt} {held} {started:.6f} {job.payload.get('sent', 0):.6f}\n")
         try:
-            await asyncio.sleep(random.uniform(0.02, 0.2))
+            # Mostly short jobs, and one in ten of 1-3 s: kills and terminations then hit running jobs (whose
+            # messages come back as suspects), as they would in production.
+            await asyncio.sleep(random.uniform(1.0, 3.0) if random.random() < 0.1 else random.uniform(0.02, 0.2))
         finally:
             out.write(f"E {job.msg_id} {job.attempt} {time.time():.6f}\n")
 
