@@ -215,11 +215,15 @@ class Fetchers:
             "cts": _sql.int_array(lease.read_ct for lease in acks),
         }
         sent_at = time.monotonic()
+        reading = self._completer.acks[q.name]
+        reading.reading = True
         try:
             result = await self._db.fetchall(q.read_unmark if unmark else q.read, params)
         except BaseException:
             self._completer.give_back(q.name, acks)  # not acknowledged after all: retried with the next round
             raise
+        finally:
+            reading.reading = False
         if unmark:
             q.marked_pid, q.mark_verified = None, False
         rows = [row for row in result if row[1] is not None]
