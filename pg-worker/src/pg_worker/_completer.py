@@ -7,7 +7,6 @@ write that matches nothing means the lease was lost, which is logged, counted, a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import traceback
@@ -114,11 +113,12 @@ class Completer:
         while True:
             if deferred_until is None:
                 await self._wake.wait()
+                # Linger a moment: a fetch loop about to read takes the acknowledgements along in its statement.
+                await asyncio.sleep(ACK_LINGER)
             else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, deferred_until - time.monotonic()))
-            # Linger a moment: a fetch loop about to read takes the acknowledgements along in its statement.
-            await asyncio.sleep(ACK_LINGER)
+                # Deferred to a read in flight: look again at the bound only, not at every new acknowledgement
+                # (during a drain they come every few microseconds).
+                await asyncio.sleep(max(0.0, deferred_until - time.monotonic()))
             self._wake.clear()
             ok, deferred_until = await self._round(defer=not self._closing)
             if self._closing:
