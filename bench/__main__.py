@@ -25,6 +25,7 @@ def _registry() -> dict[str, Benchmark]:
         bench_peers,
         bench_producers,
         bench_scale,
+        bench_soak,
         bench_suspects,
         bench_webhook,
         bench_wl,
@@ -41,7 +42,12 @@ def _registry() -> dict[str, Benchmark]:
         "wl": bench_wl.run,
         "console": bench_console.run,
         "suspects": bench_suspects.run,
+        "soak": bench_soak.run,
     }
+
+
+# Run only when named (--only soak): five minutes of faults on a server of its own.
+ON_REQUEST = {"soak"}
 
 
 def _fmt(value: float) -> str:
@@ -87,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per benchmark; the table shows medians (default 3)")
     parser.add_argument("--only", default="", help="comma-separated benchmark names")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument("--duration", type=float, default=None, help="soak: seconds of load and faults (default 300; 20 with --quick)")
     args = parser.parse_args(argv)
     registry = _registry()
-    names = [n for n in args.only.split(",") if n] or list(registry)
+    names = [n for n in args.only.split(",") if n] or [n for n in registry if n not in ON_REQUEST]
     unknown = set(names) - set(registry)
     if unknown:
         parser.error(f"unknown benchmarks: {', '.join(sorted(unknown))} (known: {', '.join(registry)})")
@@ -103,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             if name == "idle":
                 continue
             print(f"# {name} ...", file=sys.stderr, flush=True)
-            rows.extend(registry[name](pg, quick=args.quick, repeat=args.repeat))
+            options = {"duration": args.duration} if name == "soak" else {}
+            rows.extend(registry[name](pg, quick=args.quick, repeat=args.repeat, **options))
         if idle is not None:
             print("# idle ...", file=sys.stderr, flush=True)
             rows.extend(idle.result())

@@ -52,6 +52,8 @@ def raw_loop(url: str, count: int) -> float:
 
 
 def start_workers(url: str, processes: int, app: str = "bench.apps:noop_app", **env: str) -> list[subprocess.Popen[bytes]]:
+    # PYTHONPATH is the repository root (for bench.apps): the workers run this checkout's pg_worker whatever the
+    # caller's PYTHONPATH says. To compare versions, use `python -m bench.ab` (a venv per version).
     environment = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT), "PG_WORKER_METRICS_PORT": "0", **env}
     return [
         subprocess.Popen([sys.executable, "-m", "pg_worker", "run", app], env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

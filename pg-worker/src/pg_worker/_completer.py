@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from . import _sql
@@ -32,6 +31,9 @@ ACK_LINGER = 0.002
 # A message whose dead-letter queue is gone and cannot be created again waits this long in its own queue (its
 # delivery closed, so it is no suspect) instead of cycling through its handler at every lease.
 PARK_DELAY = 3600.0
+# While the queue's read is in flight, its next read (right after, if the drain goes on) takes the pending
+# acknowledgements along: the acknowledger waits for it, but never longer than this after the first of them.
+ACK_DEFER_MAX = 0.02
 
 
 def error_info(exc: BaseException, reason: str) -> dict[str, Any]:
@@ -52,11 +54,13 @@ class QueueAcks:
 
     config: QueueConfig
     pending: list[Lease] = field(default_factory=list)
-    statement: sql.Composed = field(init=False)
+    statement: bytes = field(init=False)
+    reading: bool = False  # the fetch loop's read of this queue is in flight (set by the fetch loop)
+    first_pending_at: float | None = None  # monotonic: when the oldest pending acknowledgement was queued
 
     def __post_init__(self) -> None:
         name = self.config.name
-        self.statement = _sql.archive_held(name) if self.config.on_success == "archive" else _sql.delete_held(name)
+        self.statement = _sql.per_queue(_sql.archive_held if self.config.on_success == "archive" else _sql.delete_held, name)
 
     @property
     def piggyback(self) -> bool:
@@ -64,8 +68,8 @@ class QueueAcks:
         return self.config.on_success == "delete"
 
 
-def fence_params(leases: list[Lease]) -> dict[str, list[int]]:
-    return {"ids": [lease.msg_id for lease in leases], "cts": [lease.read_ct for lease in leases]}
+def fence_params(leases: list[Lease]) -> dict[str, str]:
+    return {"ids": _sql.int_array(lease.msg_id for lease in leases), "cts": _sql.int_array(lease.read_ct for lease in leases)}
 
 
 @dataclass(eq=False)
@@ -75,7 +79,7 @@ class Unwritten:
 
     operation: str
     lease: Lease
-    query: sql.Composed
+    query: bytes
     params: dict[str, Any]
     delay: float | None  # a retry's delay: the fetch loop sets its timer once it is written
     failures: int = 1
@@ -110,7 +114,10 @@ class Completer:
 
     def ack(self, lease: Lease) -> None:
         lease.closing = True
-        self.acks[lease.queue.name].pending.append(lease)
+        acks = self.acks[lease.queue.name]
+        if not acks.pending:
+            acks.first_pending_at = time.monotonic()
+        acks.pending.append(lease)
         self._wake.set()
 
     def take_piggyback(self, queue: str) -> list[Lease]:
@@ -123,7 +130,10 @@ class Completer:
     def give_back(self, queue: str, leases: list[Lease]) -> None:
         """A read that carried these acknowledgements failed: they go out with the next round."""
         if leases:
-            self.acks[queue].pending[:0] = leases
+            acks = self.acks[queue]
+            if not acks.pending:
+                acks.first_pending_at = time.monotonic()
+            acks.pending[:0] = leases
             self._wake.set()
 
     def confirmed(self, leases: list[Lease], matched: set[int], operation: str = "ack") -> None:
@@ -139,12 +149,18 @@ class Completer:
     async def run(self) -> None:
         """Acknowledge finished messages in batches: one statement per queue per round."""
         failures = 0
+        deferred_until: float | None = None
         while True:
-            await self._wake.wait()
-            # Linger a moment: a fetch loop about to read takes the acknowledgements along in its statement.
-            await asyncio.sleep(ACK_LINGER)
+            if deferred_until is None:
+                await self._wake.wait()
+                # Linger a moment: a fetch loop about to read takes the acknowledgements along in its statement.
+                await asyncio.sleep(ACK_LINGER)
+            else:
+                # Deferred to a read in flight: look again at the bound only, not at every new acknowledgement
+                # (during a drain they come every few microseconds).
+                await asyncio.sleep(max(0.0, deferred_until - time.monotonic()))
             self._wake.clear()
-            ok = await self._round()
+            ok, deferred_until = await self._round(defer=not self._closing)
             if self._closing:
                 return
             if ok:
@@ -154,10 +170,19 @@ class Completer:
                 await asyncio.sleep(self._db.backoff(failures))
                 self._wake.set()
 
-    async def _round(self) -> bool:
+    async def _round(self, defer: bool = False) -> tuple[bool, float | None]:
+        """Send what is pending; with ``defer``, leave a queue's acknowledgements to its read in flight (each
+        read statement deletes what it carries: a separate DELETE per batch cost a third of the drain's
+        statements). Returns whether the database took everything sent, and when to look at deferred ones."""
         ok = await self._write_unwritten()
+        deferred_until: float | None = None
+        now = time.monotonic()
         for queue, acks in self.acks.items():
             if not acks.pending:
+                continue
+            if defer and acks.reading and acks.piggyback and acks.first_pending_at is not None and now - acks.first_pending_at < ACK_DEFER_MAX:
+                until = acks.first_pending_at + ACK_DEFER_MAX
+                deferred_until = until if deferred_until is None else min(deferred_until, until)
                 continue
             leases, acks.pending = acks.pending, []
             if self._db.health.acknowledger_stalled_since is None:
@@ -175,7 +200,7 @@ class Completer:
             self.confirmed(leases, {row[0] for row in rows})
         if ok:
             self._db.health.acknowledger_stalled_since = None
-        return ok
+        return ok, deferred_until
 
     def begin_close(self) -> None:
         """Ask the acknowledger to finish the round it is in and stop (the rest goes out with :meth:`flush`)."""
@@ -186,7 +211,7 @@ class Completer:
         """Send every pending acknowledgement now; False if the database did not take them by ``deadline``."""
         failures = 0
         while self.unwritten or any(acks.pending for acks in self.acks.values()):
-            if await self._round():
+            if (await self._round())[0]:
                 return True
             failures += 1
             if time.monotonic() >= deadline:
@@ -213,7 +238,7 @@ class Completer:
     # -- single outcome writes --------------------------------------------------------------------------------
 
     async def _fenced(
-        self, operation: str, lease: Lease, query: sql.Composed, params: dict[str, Any], *, delay: float | None = None, reraise: tuple[type[BaseException], ...] = ()
+        self, operation: str, lease: Lease, query: bytes, params: dict[str, Any], *, delay: float | None = None, reraise: tuple[type[BaseException], ...] = ()
     ) -> bool | None:
         """True: written; False: the lease was lost; None: the database failed, and the write is kept and tried
         again as soon as the database answers (see :meth:`_write_unwritten`)."""
@@ -272,20 +297,20 @@ class Completer:
         return True
 
     async def retry(self, lease: Lease, delay: float, *, count_attempt: bool = True) -> bool | None:
-        query = _sql.retry_later(lease.queue.name, count_attempt=count_attempt)
+        query = _sql.per_queue(_sql.retry_later, lease.queue.name, count_attempt=count_attempt)
         params = {"msg_id": lease.msg_id, "read_ct": lease.read_ct, "delay": delay}
         return await self._fenced("retry", lease, query, params, delay=delay)
 
     async def dead_letter(self, lease: Lease, error: dict[str, Any]) -> bool | None:
         queue = lease.queue.name
         params = {"queue": queue, "dlq": dlq_name(queue), "msg_id": lease.msg_id, "read_ct": lease.read_ct, "error": Jsonb(error)}
-        query = _sql.dead_letter(queue)
+        query = _sql.per_queue(_sql.dead_letter, queue)
         try:
             return await self._fenced("dead_letter", lease, query, params, reraise=(psycopg.errors.UndefinedTable,))
         except psycopg.errors.UndefinedTable as exc:
             return await self._dlq_missing(lease, query, params, exc)
 
-    async def _dlq_missing(self, lease: Lease, query: sql.Composed, params: dict[str, Any], exc: BaseException) -> bool | None:
+    async def _dlq_missing(self, lease: Lease, query: bytes, params: dict[str, Any], exc: BaseException) -> bool | None:
         """The dead-letter queue was dropped under a running worker: create it again and move the message; if
         that is not allowed, park the message in its queue (closed, invisible for ``PARK_DELAY``)."""
         queue, dlq = lease.queue.name, params["dlq"]
@@ -306,15 +331,15 @@ class Completer:
                 },
             )
             self._db.failed("dead_letter", create_exc, queue=queue, msg_id=lease.msg_id, dlq=dlq)
-            parked = await self._fenced("dead_letter", lease, _sql.retry_later(queue), {"msg_id": lease.msg_id, "read_ct": lease.read_ct, "delay": PARK_DELAY})
+            parked = await self._fenced("dead_letter", lease, _sql.per_queue(_sql.retry_later, queue), {"msg_id": lease.msg_id, "read_ct": lease.read_ct, "delay": PARK_DELAY})
             return None if parked else parked
         logger.error("dlq_recreated", extra={"event": "dlq_recreated", "queue": queue, "dlq": dlq, "note": "it had been dropped while the worker ran"})
         return await self._fenced("dead_letter", lease, query, params)
 
     async def mark_solo(self, lease: Lease) -> bool | None:
-        return await self._mark(lease, _sql.mark_solo(lease.queue.name))
+        return await self._mark(lease, _sql.per_queue(_sql.mark_solo, lease.queue.name))
 
-    async def _mark(self, lease: Lease, query: sql.Composed) -> bool | None:
+    async def _mark(self, lease: Lease, query: bytes) -> bool | None:
         """A fenced write that keeps the lease (it is not an outcome)."""
         try:
             rows = await self._db.fetchall(query, {"msg_id": lease.msg_id, "read_ct": lease.read_ct})
@@ -337,7 +362,7 @@ class Completer:
                 by_queue.setdefault(lease.queue.name, []).append(lease)
         for queue, held in by_queue.items():
             try:
-                rows = await self._db.fetchall(_sql.hand_back(queue, keep_vt=abandoned), fence_params(held))
+                rows = await self._db.fetchall(_sql.per_queue(_sql.hand_back, queue, keep_vt=abandoned), fence_params(held))
             except DB_ERRORS as exc:
                 self._db.failed("hand_back", exc, queue=queue, msg_ids=[lease.msg_id for lease in held])
                 continue

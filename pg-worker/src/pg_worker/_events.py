@@ -7,6 +7,7 @@ the reverse. Observer methods run inline on the event loop: they must be quick a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -70,20 +71,33 @@ class WorkerObserver:
 
 
 class ObserverGroup(WorkerObserver):
-    """Fans every event out to several observers; an observer that raises is logged, never fatal."""
+    """Fans every event out to several observers; an observer that raises is logged, never fatal.
+
+    Each event calls only the observers that override it (the base methods do nothing): ``job_started`` and
+    ``job_finished`` run for every job, so the dispatch is a cached tuple of bound methods, not a lookup."""
 
     def __init__(self, observers: list[WorkerObserver] | None = None) -> None:
         self._observers = list(observers or [])
+        self._calls: dict[str, tuple[Callable[..., None], ...]] = {}
 
     def add(self, observer: WorkerObserver) -> None:
         self._observers.append(observer)
+        self._calls.clear()
+
+    def _methods(self, method: str) -> tuple[Callable[..., None], ...]:
+        calls = self._calls.get(method)
+        if calls is None:
+            base = getattr(WorkerObserver, method)
+            bound = [getattr(observer, method) for observer in self._observers]
+            calls = self._calls[method] = tuple(call for call in bound if getattr(call, "__func__", None) is not base)
+        return calls
 
     def _each(self, method: str, *args: object) -> None:
-        for observer in self._observers:
+        for call in self._calls.get(method) or self._methods(method):
             try:
-                getattr(observer, method)(*args)
+                call(*args)
             except Exception:
-                logger.exception("observer_failed", extra={"event": "observer_failed", "observer": repr(observer)})
+                logger.exception("observer_failed", extra={"event": "observer_failed", "observer": repr(getattr(call, "__self__", call))})
 
     def job_started(self, job: Job[object], latency: float) -> None:
         self._each("job_started", job, latency)

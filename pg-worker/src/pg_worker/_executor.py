@@ -77,7 +77,7 @@ class _NotStarted(Exception):
 
 
 def _int_header(headers: Any, key: str) -> int | None:
-    if not isinstance(headers, Mapping):
+    if headers is None or not isinstance(headers, Mapping):  # None first: most messages have no headers
         return None
     value = headers.get(key)
     try:
@@ -88,7 +88,7 @@ def _int_header(headers: Any, key: str) -> int | None:
 
 def public_headers(headers: Any) -> Any:
     """The headers as the producer sent them (pg-worker's keys removed, non-object headers unwrapped)."""
-    if isinstance(headers, Mapping) and any(key in headers for key in _sql.INTERNAL_HEADERS):
+    if headers is not None and isinstance(headers, Mapping) and any(key in headers for key in _sql.INTERNAL_HEADERS):
         if _sql.ORIGINAL_KEY in headers:
             return headers[_sql.ORIGINAL_KEY]
         return {k: v for k, v in headers.items() if k not in _sql.INTERNAL_HEADERS}
@@ -184,7 +184,7 @@ class Executor:
     # -- the handler ----------------------------------------------------------------------------------------
 
     async def _execute(self, lease: Lease, job: Job[Any], handler: Handler) -> None:
-        task = asyncio.current_task()
+        task = lease.task or asyncio.current_task()  # set by the worker: current_task() costs a getpid() here
         assert task is not None
         if handler.is_async:
 
@@ -197,7 +197,7 @@ class Executor:
         try:
             try:
                 if handler.is_async:
-                    await self._run_async(lease, job, handler)
+                    await self._run_async(lease, job, handler, task)
                 else:
                     await self._run_sync(lease, job, handler, task)
             except asyncio.CancelledError:
@@ -247,23 +247,34 @@ class Executor:
         else:
             self._finish(job, Outcome.FAILED, started, None, handler, note="succeeded, but its acknowledgement could not be written: it runs again")
 
-    async def _run_async(self, lease: Lease, job: Job[Any], handler: Handler) -> None:
+    async def _run_async(self, lease: Lease, job: Job[Any], handler: Handler, task: asyncio.Task[Any]) -> None:
         func: Any = handler.func
-        await self._on_loop(lease, handler, functools.partial(func, job), lease.queue.job_timeout)
+        await self._on_loop(lease, handler, functools.partial(func, job), lease.queue.job_timeout, task)
 
-    @staticmethod
-    async def _on_loop(lease: Lease, handler: Handler, call: Callable[[], Any], seconds: float) -> None:
-        """Run ``call`` and await what it returns, cancelled after ``seconds`` (a JobTimeout)."""
-        deadline = asyncio.timeout(seconds)
+    async def _on_loop(self, lease: Lease, handler: Handler, call: Callable[[], Any], seconds: float, task: asyncio.Task[Any]) -> None:
+        """Run ``call`` and await what it returns, cancelled after ``seconds`` (a JobTimeout).
+
+        The timeout is kept by the lease clock (one timer for every job, not one per job); a TimeoutError the
+        handler raises itself (a slow router) is an ordinary failure, never taken for ours."""
+        timed_out = False
+
+        def time_out(_lease: Lease) -> None:
+            nonlocal timed_out
+            timed_out = True
+            task.cancel("job timeout")
+
+        self._leases.set_deadline(lease, seconds, time_out)
         try:
-            async with deadline:
-                result = call()
-                if inspect.isawaitable(result):
-                    result = await result
-        except TimeoutError:
-            if not deadline.expired():
-                raise  # the handler's own TimeoutError (a slow router), not ours
+            result = call()
+            if inspect.isawaitable(result):
+                result = await result
+        except asyncio.CancelledError:
+            if not timed_out:
+                raise
+            task.uncancel()
             raise JobTimeout(f"job exceeded job_timeout of {lease.queue.job_timeout:g}s") from None
+        finally:
+            self._leases.clear_deadline(lease)
         _check_result(handler, result)
 
     async def _run_sync(self, lease: Lease, job: Job[Any], handler: Handler, task: asyncio.Task[Any]) -> None:
@@ -322,7 +333,7 @@ class Executor:
 
             lease.on_lost = stop_job
             remaining = lease.queue.job_timeout - (time.monotonic() - thread_started)
-            await self._on_loop(lease, handler, lambda: result, max(remaining, 0.0))
+            await self._on_loop(lease, handler, lambda: result, max(remaining, 0.0), task)
             return
         _check_result(handler, result)
 

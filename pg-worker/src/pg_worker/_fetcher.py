@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from psycopg import sql
-
 from . import _sql
 from ._app import QueueConfig
 from ._completer import Completer
@@ -58,13 +56,13 @@ class QueueFetcher:
     local_due: float | None = None  # monotonic time a retry this worker scheduled becomes visible
     empty_drains: int = 0  # drains in a row that found work due but read nothing (row locked, or taken)
     held_seen: tuple[int, int] | None = None  # (msg_id, times) of another worker's lease we planned on
-    read: sql.Composed = field(init=False)
-    read_unmark: sql.Composed = field(init=False)
+    read: bytes = field(init=False)
+    read_unmark: bytes = field(init=False)
 
     def __post_init__(self) -> None:
         # Built once: the same text on every call lets psycopg prepare the statements.
-        self.read = _sql.read(self.config.name, unmark=False)
-        self.read_unmark = _sql.read(self.config.name, unmark=True)
+        self.read = _sql.compiled(_sql.read(self.config.name, unmark=False))
+        self.read_unmark = _sql.compiled(_sql.read(self.config.name, unmark=True))
 
     @property
     def name(self) -> str:
@@ -213,15 +211,19 @@ class Fetchers:
             "vt": q.config.visibility_timeout,
             "qty": qty,
             "worker": self.config.worker_id,
-            "ids": [lease.msg_id for lease in acks],
-            "cts": [lease.read_ct for lease in acks],
+            "ids": _sql.int_array(lease.msg_id for lease in acks),
+            "cts": _sql.int_array(lease.read_ct for lease in acks),
         }
         sent_at = time.monotonic()
+        reading = self._completer.acks[q.name]
+        reading.reading = True
         try:
             result = await self._db.fetchall(q.read_unmark if unmark else q.read, params)
         except BaseException:
             self._completer.give_back(q.name, acks)  # not acknowledged after all: retried with the next round
             raise
+        finally:
+            reading.reading = False
         if unmark:
             q.marked_pid, q.mark_verified = None, False
         rows = [row for row in result if row[1] is not None]
@@ -239,9 +241,9 @@ class Fetchers:
                 await self._db.execute(_sql.MARK_WAITING, {"queue": q.name, "worker": self.config.worker_id, "pid": listener.pid})
                 q.marked_pid, q.mark_verified, recheck = listener.pid, False, None
             if recheck:
-                rows = await self._db.fetchall(_sql.recheck(q.name), {"xids": recheck})
+                rows = await self._db.fetchall(_sql.per_queue(_sql.recheck, q.name), {"xids": recheck})
             else:
-                rows = await self._db.fetchall(_sql.sleep_check(q.name))
+                rows = await self._db.fetchall(_sql.per_queue(_sql.sleep_check, q.name))
         except DB_ERRORS as exc:
             q.db_failures += 1
             delay = self._db.backoff(q.db_failures)
@@ -318,7 +320,7 @@ class Fetchers:
     async def run_poll(self) -> None:
         """One statement checks every queue of this worker, whatever their number."""
         failures = 0
-        query = _sql.poll_check(list(self.queues))
+        query = _sql.compiled(_sql.poll_check(list(self.queues)))
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.poll_now.wait(), timeout=self._poll_delay())

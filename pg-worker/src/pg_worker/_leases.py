@@ -1,10 +1,15 @@
 """Leases: every message this worker holds, from its read until its outcome is written.
 
 The lease keeper renews visibility timeouts at half their length, one fenced statement per queue. Whether a
-lease still holds is judged from a clock, not from the keeper's statements: each lease carries a timer set to
-just before the moment its visibility timeout could have run out (counted from when the last successful read
-or renewal was *sent*), and when it fires the lease is lost and its job stopped, even while a renewal
-statement hangs. A renewal that matches no row (another worker holds a newer delivery) loses the lease too.
+lease still holds is judged from a clock, not from the keeper's statements: each lease is lost just before the
+moment its visibility timeout could have run out (counted from when the last successful read or renewal was
+*sent*), and its job stopped, even while a renewal statement hangs. A renewal that matches no row (another
+worker holds a newer delivery) loses the lease too.
+
+The clock is one timer for all leases, armed no later than the earliest moment any lease could expire (a
+timer per lease cost a handle, a heap push and a cancel for every job). Leases read together expire together,
+and later reads expire later, so the timer is rarely moved: when it fires it loses what is due and re-arms at
+the next expiry.
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ class Lease:
     closing: bool = False  # its outcome is being written: a renewal that misses it raced with that write
     done: Any = None  # what the executor needs to count the job once its acknowledgement is confirmed
     on_lost: Callable[[Lease], None] | None = None
-    _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    lost_at: float = field(default=0.0, repr=False)  # monotonic: when the clock counts it lost (expires_at - margin)
+    deadline: float = field(default=float("inf"), repr=False)  # monotonic: when the running job times out
+    on_deadline: Callable[[Lease], None] | None = field(default=None, repr=False)
+    task: asyncio.Task[None] | None = field(default=None, repr=False)  # the job's task, once it has one
 
     @property
     def held(self) -> bool:
@@ -67,6 +75,8 @@ class LeaseKeeper:
         self._leases: dict[tuple[str, int], Lease] = {}
         self._wake = asyncio.Event()
         self._next_renewal = float("inf")
+        self._clock: asyncio.TimerHandle | None = None
+        self._clock_at = float("inf")  # monotonic time the clock fires; never later than any lease's lost_at
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -88,9 +98,6 @@ class LeaseKeeper:
         """The delivery's outcome is written (or given up): stop renewing it."""
         if self._leases.get((lease.queue.name, lease.msg_id)) is lease:
             del self._leases[(lease.queue.name, lease.msg_id)]
-        if lease._timer is not None:
-            lease._timer.cancel()
-            lease._timer = None
 
     def abandon(self, lease: Lease) -> None:
         """Stop renewing a delivery whose outcome could not be written: its message comes back at its lease's end."""
@@ -128,12 +135,45 @@ class LeaseKeeper:
             lease.on_lost(lease)
 
     def _arm(self, lease: Lease) -> None:
-        if lease._timer is not None:
-            lease._timer.cancel()
+        lease.lost_at = lease.expires_at - lease.margin
+        if lease.lost_at < self._clock_at:
+            self._set_clock(lease.lost_at)
+
+    def set_deadline(self, lease: Lease, seconds: float, on_deadline: Callable[[Lease], None]) -> None:
+        """Call ``on_deadline`` once, ``seconds`` from now, unless :meth:`clear_deadline` or the lease's end
+        comes first. The same clock as the leases: no timer per job (``asyncio.timeout`` cost one each)."""
+        lease.deadline = time.monotonic() + seconds
+        lease.on_deadline = on_deadline
+        if lease.deadline < self._clock_at:
+            self._set_clock(lease.deadline)
+
+    @staticmethod
+    def clear_deadline(lease: Lease) -> None:
+        lease.deadline, lease.on_deadline = float("inf"), None
+
+    def _set_clock(self, at: float) -> None:
+        if self._clock is not None:
+            self._clock.cancel()
+        self._clock_at = at
         loop = asyncio.get_running_loop()
         # loop.time() is monotonic too, but not necessarily time.monotonic(): convert.
-        fire_at = loop.time() + (lease.expires_at - lease.margin - time.monotonic())
-        lease._timer = loop.call_at(fire_at, self.lose, lease, "expired", "lease_clock")
+        self._clock = loop.call_at(loop.time() + (at - time.monotonic()), self._tick)
+
+    def _tick(self) -> None:
+        """The clock: lose every lease whose time is up, then re-arm at the next one."""
+        self._clock, self._clock_at = None, float("inf")
+        now = time.monotonic() + 0.001  # the loop may run a timer a hair early: never re-arm for a microsecond
+        late = [lease for lease in self._leases.values() if lease.deadline <= now]
+        for lease in late:
+            on_deadline = lease.on_deadline
+            self.clear_deadline(lease)
+            if on_deadline is not None:
+                on_deadline(lease)
+        due = [lease for lease in self._leases.values() if lease.lost_at <= now]
+        for lease in due:
+            self.lose(lease, "expired", "lease_clock")
+        if self._leases and self._clock is None:
+            self._set_clock(min(min(lease.lost_at, lease.deadline) for lease in self._leases.values()))
 
     async def run(self) -> None:
         """Renew the leases that are due, one statement per queue."""
@@ -171,8 +211,8 @@ class LeaseKeeper:
                 # Bounded: a renewal that cannot finish within a quarter of the lease is useless anyway, and
                 # the keeper must get back to the other queues.
                 rows = await self._db.fetchall(
-                    _sql.extend_leases(queue),
-                    {"ids": [lease.msg_id for lease in leases], "cts": [lease.read_ct for lease in leases], "vt": config.visibility_timeout},
+                    _sql.per_queue(_sql.extend_leases, queue),
+                    {"ids": _sql.int_array(lease.msg_id for lease in leases), "cts": _sql.int_array(lease.read_ct for lease in leases), "vt": config.visibility_timeout},
                     timeout=max(1.0, config.visibility_timeout / 4),
                 )
             except DB_ERRORS as exc:

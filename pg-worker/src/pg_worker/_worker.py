@@ -209,21 +209,23 @@ class Worker:
         return self.config.concurrency
 
     def _start_job(self, lease: Lease, row: Row) -> None:
-        assert self._executor is not None and self._slots is not None and self._leases is not None
-        slots, leases = self._slots, self._leases
-        task = asyncio.create_task(self._executor.run(lease, row[2], row[3], row[4]))
+        task = lease.task = asyncio.create_task(self._run_job(lease, row))
         self._jobs.add(task)
 
-        def done(finished: asyncio.Task[None]) -> None:
-            self._jobs.discard(finished)
-            slots.give(1)
-            if not finished.cancelled() and finished.exception() is not None:
-                # A bug of ours, not the handler's (those are job failures): stop renewing, so the message
-                # comes back after its lease, and say so.
-                leases.abandon(lease)
-                logger.error("job_task_failed", extra={"event": "job_task_failed", "queue": lease.queue.name, "msg_id": lease.msg_id, "error": repr(finished.exception())})
-
-        task.add_done_callback(done)
+    async def _run_job(self, lease: Lease, row: Row) -> None:
+        """One job's task. The bookkeeping is done in it, not in a done callback (a closure, a scheduled handle
+        and one more trip through the event loop for every job)."""
+        assert self._executor is not None and self._slots is not None and self._leases is not None
+        try:
+            await self._executor.run(lease, row[2], row[3], row[4])
+        except Exception as exc:  # noqa: BLE001 - any escape from the executor is a bug of ours, logged
+            # A bug of ours, not the handler's (those are job failures): stop renewing, so the message comes
+            # back after its lease, and say so.
+            self._leases.abandon(lease)
+            logger.error("job_task_failed", extra={"event": "job_task_failed", "queue": lease.queue.name, "msg_id": lease.msg_id, "error": repr(exc)})
+        finally:
+            self._jobs.discard(lease.task)
+            self._slots.give(1)
 
     # -- start-up -------------------------------------------------------------------------------------------
 

@@ -41,3 +41,17 @@ def test_the_benchmark_suite_runs_and_prints_every_figure(tmp_path: Path, pg_tmp
     ):
         assert measure in table, f"missing row: {measure}\n{table}"
     assert (tmp_path / "results.json").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_fault_soak_runs_and_prints_its_checks(pg_tmp_root: Path) -> None:
+    """A short soak (15 s of load, a SIGKILL, backend terminations, one restart of its own server)."""
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["TMPDIR"] = str(pg_tmp_root)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "soak", "--duration", "15"], cwd=REPO, env=env, capture_output=True, text=True, timeout=280
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for measure in ("jobs lost", "overlapping runs of one message", "runs started after their lease was lost", "latency p99, outside the restart window"):
+        assert measure in result.stdout, f"missing row: {measure}\n{result.stdout}"
