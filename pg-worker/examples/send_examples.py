@@ -38,7 +38,10 @@ def main() -> int:
     deadline = time.monotonic() + 60
     with psycopg.connect(url, autocommit=True) as conn:
         while time.monotonic() < deadline:
-            row = conn.execute("SELECT count(*) FROM pgworker.waiters WHERE queue_name = %s", (QUEUE,)).fetchone()
+            try:
+                row = conn.execute("SELECT count(*) FROM pgworker.waiters WHERE queue_name = %s", (QUEUE,)).fetchone()
+            except psycopg.errors.UndefinedTable:  # a fresh database: the worker has not installed pg-worker yet
+                row = None
             if row and row[0]:
                 break
             time.sleep(0.2)
