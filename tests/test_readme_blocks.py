@@ -58,6 +58,7 @@ RUN = {
     ("pg-worker/README.md", "PYTHONPATH=pg-worker/examples .venv/bin/pg-worker run demo:app &"),
     ("payment-webhook/README.md", "export DATABASE_URL=postgresql://...           #"),
     ("payment-webhook/README.md", "payment-webhook send-test-event"),
+    ("wl-console/README.md", "export DATABASE_URL=postgresql://..."),
 }
 
 
@@ -119,6 +120,15 @@ def run_script(script: str, env: dict[str, str], log: Path, timeout: float = 60)
     return process, log.read_text()
 
 
+def wait_ready(port: int) -> str:
+    """A shell line waiting for ``/readyz`` on ``port``: what a person does by waiting for uvicorn's start line."""
+    return (
+        "python3 -c 'import time, urllib.request\nfor _ in range(300):\n"
+        f"    try: urllib.request.urlopen(\"http://127.0.0.1:{port}/readyz\"); break\n"
+        "    except OSError: time.sleep(0.1)'\n"
+    )
+
+
 def kill_group(process: subprocess.Popen[str]) -> None:
     try:
         os.killpg(process.pid, signal.SIGTERM)
@@ -168,7 +178,7 @@ def test_payment_webhook_readme_run_it_and_send_a_test_event(database: str, tmp_
     for old, new in substitutions.items():
         assert old in run_it + send, f"the README no longer has {old!r}: update this test's substitutions"
         run_it, send = run_it.replace(old, new), send.replace(old, new)
-    ready = f"python3 -c 'import time, urllib.request\nfor _ in range(300):\n    try: urllib.request.urlopen(\"http://127.0.0.1:{port}/readyz\"); break\n    except OSError: time.sleep(0.1)'\n"
+    ready = wait_ready(port)
     env = clean_env(WEBHOOK_PORT=str(port), WEBHOOK_LOG_FORMAT="json")
     process, out = run_script(run_it + ready + send, env, tmp_path / "out.log")
     try:
@@ -180,6 +190,34 @@ def test_payment_webhook_readme_run_it_and_send_a_test_event(database: str, tmp_
             row = conn.execute("SELECT count(*) FROM webhook.events WHERE outcome = 'accepted'").fetchone()
             assert row and row[0] == 1
             row = conn.execute("SELECT count(*) FROM pgmq.q_device_actions").fetchone()
+            assert row and row[0] == 1
+    finally:
+        kill_group(process)
+    assert "Traceback" not in out, out[-3000:]
+
+
+def test_wl_console_readme_run_it(database: str, tmp_path: Path) -> None:
+    """The wl-console README's "Run it" block: migrate, a first admin, serve; the login page answers."""
+    port = free_port()
+    password = secrets.token_urlsafe(16)
+    substitutions = {  # what changes in the block, and why
+        "export DATABASE_URL=postgresql://...": f"export DATABASE_URL={database}",
+        # the prompt needs a terminal; the README's alternative for scripts, the password on standard input
+        "wl-console user add ana --role admin": f"printf '%s\\n' {password} | wl-console user add ana --role admin --password-stdin",
+        # serve runs in the foreground until Ctrl-C: here in the background, then wait for /readyz
+        "wl-console serve   ": "wl-console serve & ",
+    }
+    script = block("wl-console/README.md", "export DATABASE_URL=postgresql://...")
+    for old, new in substitutions.items():
+        assert old in script, f"the README no longer has {old!r}: update this test's substitutions"
+        script = script.replace(old, new)
+    env = clean_env(WL_CONSOLE_PORT=str(port), WL_CONSOLE_COOKIE_SECURE="false")  # 8090 may be taken; plain http
+    process, out = run_script(script + wait_ready(port) + f"python3 -c 'import urllib.request; print(urllib.request.urlopen(\"http://127.0.0.1:{port}/readyz\").status)'\n", env, tmp_path / "out.log")
+    try:
+        assert process.returncode == 0, out[-3000:]
+        assert out.rstrip().endswith("200"), out[-3000:]
+        with psycopg.connect(database) as conn:
+            row = conn.execute("SELECT count(*) FROM console.users WHERE username = 'ana'").fetchone()
             assert row and row[0] == 1
     finally:
         kill_group(process)
