@@ -59,6 +59,7 @@ RUN = {
     ("payment-webhook/README.md", "export DATABASE_URL=postgresql://...           #"),
     ("payment-webhook/README.md", "payment-webhook send-test-event"),
     ("wl-console/README.md", "export DATABASE_URL=postgresql://..."),
+    ("payment-webhook/README.md", "export DATABASE_URL=postgresql://...  WL_SIM"),
 }
 
 
@@ -173,7 +174,7 @@ def test_payment_webhook_readme_run_it_and_send_a_test_event(database: str, tmp_
         "payment-webhook serve   ": "payment-webhook serve & ",
         "http://127.0.0.1:8080": f"http://127.0.0.1:{port}",  # 8080 may be taken: WEBHOOK_PORT below
     }
-    run_it = block("payment-webhook/README.md", "export DATABASE_URL=postgresql://...")
+    run_it = block("payment-webhook/README.md", "export DATABASE_URL=postgresql://...           #")
     send = block("payment-webhook/README.md", "payment-webhook send-test-event")
     for old, new in substitutions.items():
         assert old in run_it + send, f"the README no longer has {old!r}: update this test's substitutions"
@@ -221,4 +222,53 @@ def test_wl_console_readme_run_it(database: str, tmp_path: Path) -> None:
             assert row and row[0] == 1
     finally:
         kill_group(process)
+    assert "Traceback" not in out, out[-3000:]
+
+
+def wait_port(port: int) -> str:
+    """A shell line waiting until something listens on 127.0.0.1:``port``."""
+    return (
+        "python3 -c 'import socket, time\nfor _ in range(300):\n"
+        f"    try: socket.create_connection((\"127.0.0.1\", {port})).close(); break\n"
+        "    except OSError: time.sleep(0.1)'\n"
+    )
+
+
+def test_payment_webhook_readme_whole_flow_on_one_machine(database: str, tmp_path: Path) -> None:
+    """The payment-webhook README's "whole flow" block: a signed payment.approved restores the suspended demo
+    customer through the simulated router, the webhook and the worker."""
+    router_port, webhook_port = free_port(), free_port()
+    standard = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    script = block("payment-webhook/README.md", "export DATABASE_URL=postgresql://...  WL_SIM")
+    substitutions = {  # what changes in the block, and why
+        "DATABASE_URL=postgresql://...": f"DATABASE_URL={database}",
+        "WEBHOOK_STANDARD_SECRETS=whsec_...": f"WEBHOOK_STANDARD_SECRETS={standard}",
+        "9728": str(router_port),  # may be taken on a test machine
+        # the next command needs the simulator listening: a person has seen its start line
+        "--seed-demo &": "--seed-demo &\n" + wait_port(router_port),
+        # send-test-event needs the server ready: a person has seen uvicorn's start line
+        "payment-webhook serve &": "payment-webhook serve &\n" + wait_ready(webhook_port),
+        # the worker takes a moment for the job: a person reads the answer first; here a wait for an idle queue
+        "wl-workers service show": (
+            "python3 -c 'import psycopg, time\nfor _ in range(300):\n"
+            f"    with psycopg.connect(\"{database}\") as c:\n"
+            "        if not c.execute(\"SELECT count(*) FROM pgmq.q_device_actions\").fetchone()[0]: break\n"
+            "    time.sleep(0.1)'\n"
+            "wl-workers service show"
+        ),
+    }
+    for old, new in substitutions.items():
+        assert old in script, f"the README no longer has {old!r}: update this test's substitutions"
+        script = script.replace(old, new)
+    # ports: 8080 may be taken (WEBHOOK_PORT, and WEBHOOK_URL for send-test-event); the worker's 9480 is off
+    env = clean_env(WEBHOOK_PORT=str(webhook_port), WEBHOOK_URL=f"http://127.0.0.1:{webhook_port}", PG_WORKER_METRICS="false")
+    process, out = run_script(script, env, tmp_path / "out.log", timeout=90)
+    try:
+        assert process.returncode == 0, out[-3000:]
+    finally:
+        kill_group(process)
+    assert re.search(r'^200 \{"status":"accepted"', out, re.MULTILINE), out[-3000:]
+    # the README's promise: active, and the address has left "morosos" (read from the simulated router)
+    assert re.search(r"^applied\s+active", out, re.MULTILINE), out[-3000:]
+    assert "10.20.0.13 is not in address-list morosos" in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
