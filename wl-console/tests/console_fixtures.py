@@ -3,40 +3,20 @@ every package (wl-workers, pg-worker's queues, payment-webhook, wl-console) a cl
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-from typing import Any
 
-import psycopg
 import pytest
 
 import pg_worker
 from console_helpers import Harness, console_settings
 from payment_webhook._migrate import migrate as webhook_migrate
-from pg_worker import start_embedded
+from pg_worker.testing import PgServer
 from wl_console import create_app
 from wl_console import migrate as console_migrate
 from wl_workers._migrate import migrate as wl_migrate
 from wl_workers.settings import QUEUES
 
 TEMPLATE = "console_template"
-_counter = itertools.count()
-
-
-class ConsolePg:
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    def url(self, database: str = "postgres") -> str:
-        return str(self.handle.get_uri(database=database))
-
-    def admin(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.url(), autocommit=True)
 
 
 async def prepare_database(url: str) -> None:
@@ -62,26 +42,16 @@ def cheap_argon2() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def console_pg() -> Iterator[ConsolePg]:
-    base = Path(tempfile.mkdtemp(prefix="wl-console-pg-"))
-    server = ConsolePg(start_embedded(base / "data", cleanup="delete"))
-    with server.admin() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
-        conn.execute(f"CREATE DATABASE {TEMPLATE}")
-    asyncio.run(prepare_database(server.url(TEMPLATE)))
-    yield server
-    server.handle.cleanup()
-    shutil.rmtree(base, ignore_errors=True)
+def console_pg() -> Iterator[PgServer]:
+    with PgServer.running() as server:
+        server.template_database(TEMPLATE, prepare_database)
+        yield server
 
 
 @pytest.fixture
-def console_db(console_pg: ConsolePg) -> Iterator[str]:
-    name = f"console_{os.getpid()}_{next(_counter)}"
-    with console_pg.admin() as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    yield console_pg.url(name)
-    with console_pg.admin() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+def console_db(console_pg: PgServer) -> Iterator[str]:
+    with console_pg.clone(TEMPLATE, prefix="console") as url:
+        yield url
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ Screenshots of every page at a 390 px wide viewport are kept in ``$WL_CONSOLE_AR
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import shutil
 import socket
@@ -28,8 +27,9 @@ import psycopg
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Dialog, Page, sync_playwright
 
-from console_fixtures import TEMPLATE, ConsolePg
+from console_fixtures import TEMPLATE
 from console_helpers import PASSWORD, SECRET_KEY, add_dead_letter_sync, add_user_row
+from pg_worker.testing import PgServer
 from wl_workers.simulator import RouterSimulator
 
 CHROMIUM = Path(os.environ.get("WL_CONSOLE_CHROMIUM", "/usr/bin/chromium"))
@@ -37,7 +37,6 @@ ARTEFACTS = Path(os.environ.get("WL_CONSOLE_ARTEFACTS") or Path(tempfile.gettemp
 ROUTER_PASSWORD = "browser-test-router-pw"
 XSS_ID = "<script>alert(1)</script>"
 BIN = Path(sys.executable).parent
-_names = itertools.count()
 
 pytestmark = [
     pytest.mark.slow,
@@ -102,11 +101,12 @@ def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
 
 
 @pytest.fixture(scope="module")
-def system(console_pg: ConsolePg) -> Iterator[System]:
-    name = f"console_browser_{os.getpid()}_{next(_names)}"
-    with console_pg.admin() as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    db = console_pg.url(name)
+def system(console_pg: PgServer) -> Iterator[System]:
+    with console_pg.clone(TEMPLATE, prefix="console_browser") as db:
+        yield from _system(db)
+
+
+def _system(db: str) -> Iterator[System]:
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
     sim = RouterSimulator(username="api", password=ROUTER_PASSWORD).start()
     asyncio.run(_seed(db, sim))
@@ -129,8 +129,6 @@ def system(console_pg: ConsolePg) -> Iterator[System]:
                 proc.kill()
                 proc.wait()
         sim.stop()
-        with console_pg.admin() as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture(scope="module")

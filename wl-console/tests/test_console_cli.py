@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import io
-import itertools
-import os
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 
-from console_fixtures import ConsolePg
 from console_helpers import fetch_all
+from pg_worker.testing import PgServer
 from wl_console import migrate
 from wl_console.cli import main
 
-_names = itertools.count()
-
 
 @pytest.fixture
-def empty_db(console_pg: ConsolePg) -> Iterator[str]:
-    name = f"console_empty_{os.getpid()}_{next(_names)}"
-    with console_pg.admin() as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield console_pg.url(name)
-    with console_pg.admin() as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+def empty_db(console_pg: PgServer) -> Iterator[str]:
+    with console_pg.clone(prefix="console_empty") as url:  # template0: no schema at all
+        yield url
 
 
 async def test_migrate_alone_is_idempotent_and_adds_indexes_once_their_tables_exist(empty_db: str) -> None:
