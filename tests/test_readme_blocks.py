@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,11 +137,21 @@ def wait_ready(port: int) -> str:
     )
 
 
-def kill_group(process: subprocess.Popen[str]) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
+def kill_group(process: subprocess.Popen[str], grace: float = 20.0) -> None:
+    """Stops the block's background jobs (the whole process group) before its database is dropped: SIGTERM, then
+    SIGKILL for what is still there after ``grace`` seconds. A test run that left one running was seen."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
 
 def test_pg_worker_readme_runnable_example(database: str, tmp_path: Path) -> None:
