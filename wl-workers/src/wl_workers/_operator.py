@@ -267,10 +267,6 @@ async def update_device(conn: AConn, name: str, changes: dict[str, Any], *, acto
     return before, after
 
 
-async def prune_history(conn: AConn, older_than_days: float) -> int:
-    return await history.prune(conn, older_than_days)
-
-
 def describe_cause(row: dict[str, Any]) -> str:
     """The cause of a history row, in words: 'billing event msg_1 (payment.approved)', 'operator ana (reason)'."""
     source, actor, reason = row.get("source"), row.get("actor"), row.get("reason")

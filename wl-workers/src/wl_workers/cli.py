@@ -500,7 +500,7 @@ async def _history_cmd(conn: psycopg.AsyncConnection[Any], args: argparse.Namesp
     if days <= 0:
         raise OperatorError(f"--older-than {days:g}: must be more than 0 days")
     _confirm(args, f"delete service history older than {days:g} days")
-    removed = await _operator.prune_history(conn, days)
+    removed = await history.prune(conn, days)
     print(f"removed {removed} history row(s) older than {days:g} days")
     return EXIT_OK
 
