@@ -181,6 +181,9 @@ async def test_killed_listen_connection_reconnects_and_catches_up(db_url: str, p
             await wait_until(lambda: not worker.health.listening, what="listener down")
             msg_id = producer.enqueue("jobs", {"sent": "while nobody listened"})
             await wait_until(lambda: msg_id in handled, timeout=5, what="catch-up after reconnect")
+            # the message may be handled before LISTEN is back (a fetch already under way takes it): wait for the
+            # reconnect itself, then check that it is a new connection
+            await wait_until(lambda: worker.health.listening, timeout=5, what="listener back")
         assert worker.listener.pid != pid
         assert observer.listen_states[-2:] == [False, True]
         # the new LISTEN works: a fresh message is notified, not polled
