@@ -8,7 +8,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,12 +111,24 @@ class Database:
 
     async def fetchall(self, query: Any, params: Any = None, *, timeout: float | None = None) -> list[Row]:  # noqa: ASYNC109 - the bound is the point: see _bounded
         """Rows of one statement, within ``timeout`` seconds (default: the statement timeout plus the pool's)."""
-        rows = await self._bounded(self._fetchall(query, params), timeout)
+        return await self.result(self.start(query, params), timeout)
+
+    def start(self, query: Any, params: Any = None) -> asyncio.Task[list[Row]]:
+        """Begin one statement now; collect its rows with :meth:`result`.
+
+        The statement runs in a task of its own, so it goes out at that task's first step, ahead of whatever
+        the caller schedules after it: the fetch loop sends its next read *before* it starts the jobs of the
+        batch it just read, and the server works on the read while those jobs run."""
+        return asyncio.ensure_future(self._fetchall(query, params))
+
+    async def result(self, statement: asyncio.Task[list[Row]], timeout: float | None = None) -> list[Row]:  # noqa: ASYNC109 - see _bounded
+        """The rows of a statement begun with :meth:`start`, within ``timeout`` seconds (as :meth:`fetchall`)."""
+        rows = await self._bounded(statement, timeout)
         self.health.last_db_ok = time.monotonic()
         return rows
 
     async def execute(self, query: Any, params: Any = None) -> None:
-        await self._bounded(self._fetchall(query, params, fetch=False), None)
+        await self._bounded(asyncio.ensure_future(self._fetchall(query, params, fetch=False)), None)
         self.health.last_db_ok = time.monotonic()
 
     async def _fetchall(self, query: Any, params: Any, *, fetch: bool = True) -> list[Row]:
@@ -124,11 +136,10 @@ class Database:
             cur = await conn.execute(query, params)
             return await cur.fetchall() if fetch else []
 
-    async def _bounded(self, statement: Coroutine[Any, Any, list[Row]], timeout: float | None) -> list[Row]:  # noqa: ASYNC109 - asyncio.timeout would wait for psycopg's cancel
+    async def _bounded(self, task: asyncio.Task[list[Row]], timeout: float | None) -> list[Row]:  # noqa: ASYNC109 - asyncio.timeout would wait for psycopg's cancel
         """The client-side bound backs up statement_timeout when the network itself stalls (the server never
         sees the statement, or its answer never arrives). On a timeout psycopg first tries to cancel the query
         on the server, for up to 10 s on a dead route: that goes on in the background, the caller moves on."""
-        task = asyncio.ensure_future(statement)
         try:
             return await asyncio.wait_for(asyncio.shield(task), timeout or self.config.statement_timeout + self.config.pool_timeout + 1.0)
         except BaseException:

@@ -42,6 +42,17 @@ class SleepPlan:
     in_flight: list[str]
 
 
+@dataclass(frozen=True)
+class PendingRead:
+    """A read on its way: what it asked for, the acknowledgements it carries, and its statement."""
+
+    qty: int
+    acks: list[Lease]
+    unmark: bool
+    sent_at: float  # monotonic: leases count from here
+    statement: asyncio.Task[list[Row]]
+
+
 @dataclass
 class QueueFetcher:
     """The fetch state of one queue; the loop itself is :meth:`Fetchers.run_queue`."""
@@ -169,18 +180,28 @@ class Fetchers:
         await self._sleep_unless_stopped(delay)
 
     async def _drain(self, q: QueueFetcher) -> bool:
-        """Read and start jobs until a read comes back short (or the worker stops); whether it read any."""
+        """Read and start jobs until a read comes back short (or the worker stops); whether it read any.
+
+        While slots are free, the next read goes out as soon as a full one comes back, before that one's jobs
+        are started: the server reads batch N+1 (and deletes what finished before) while batch N runs. Read
+        and run one after the other, the worker and the server each waited half the time for the other."""
         read_any = False
-        while not self._stop.is_set():
+        pending: PendingRead | None = None
+        while True:
             self._observers.loop_tick()
             self._db.health.last_tick = time.monotonic()
-            want = await self._slots.take(q.batch_size)
-            if want == 0:
-                return read_any
+            if pending is None:
+                if self._stop.is_set():
+                    return read_any
+                want = await self._slots.take(q.batch_size)
+                if want == 0:
+                    return read_any
+                pending = self._send_read(q, want)
+            read, pending = pending, None
             try:
-                rows, sent_at = await self._read(q, want)
+                rows, acked = await self._receive(q, read)
             except DB_ERRORS as exc:
-                self._slots.give(want)
+                self._slots.give(read.qty)
                 q.db_failures += 1
                 delay = self._db.backoff(q.db_failures)
                 self._db.failed("read", exc, queue=q.name, retry_in=round(delay, 3))
@@ -188,22 +209,29 @@ class Fetchers:
                 await self._sleep_unless_stopped(delay)
                 continue
             q.db_failures = 0
-            self._slots.give(want - len(rows))
+            self._slots.give(read.qty - len(rows))
             if rows:
                 read_any = True
                 q.empty_drains = 0
+            full = len(rows) == read.qty
+            if full and not self._stop.is_set():
+                more = self._slots.take_nowait(q.batch_size)
+                if more:
+                    pending = self._send_read(q, more)
+            if read.acks:  # after the next read went out: what each confirmation sets off (metrics) waits
+                self._completer.confirmed(read.acks, acked)
             for row in rows:
-                lease = self._leases.hold(q.config, row[0], row[1], sent_at)
+                lease = self._leases.hold(q.config, row[0], row[1], read.sent_at)
                 if self._stop.is_set():
                     self.unstarted.append(lease)
                     self._slots.give(1)
                 else:
                     self._start_job(lease, row)
-            if len(rows) < want:
+            if not full:
                 return read_any
-        return read_any
 
-    async def _read(self, q: QueueFetcher, qty: int) -> tuple[list[Row], float]:
+    def _send_read(self, q: QueueFetcher, qty: int) -> PendingRead:
+        """Send a read of up to ``qty`` messages that carries the queue's pending acknowledgements along."""
         acks = self._completer.take_piggyback(q.name)
         unmark = q.marked_pid is not None
         params = {
@@ -214,22 +242,23 @@ class Fetchers:
             "ids": _sql.int_array(lease.msg_id for lease in acks),
             "cts": _sql.int_array(lease.read_ct for lease in acks),
         }
+        self._completer.acks[q.name].reading = True
         sent_at = time.monotonic()
-        reading = self._completer.acks[q.name]
-        reading.reading = True
+        return PendingRead(qty, acks, unmark, sent_at, self._db.start(q.read_unmark if unmark else q.read, params))
+
+    async def _receive(self, q: QueueFetcher, read: PendingRead) -> tuple[list[Row], set[int]]:
+        """The messages leased by a read, and the ids of its acknowledgements that matched (to be confirmed)."""
         try:
-            result = await self._db.fetchall(q.read_unmark if unmark else q.read, params)
+            result = await self._db.result(read.statement)
         except BaseException:
-            self._completer.give_back(q.name, acks)  # not acknowledged after all: retried with the next round
+            self._completer.give_back(q.name, read.acks)  # not acknowledged after all: retried with the next round
             raise
         finally:
-            reading.reading = False
-        if unmark:
+            self._completer.acks[q.name].reading = False
+        if read.unmark:
             q.marked_pid, q.mark_verified = None, False
         rows = [row for row in result if row[1] is not None]
-        if acks:
-            self._completer.confirmed(acks, {row[0] for row in result if row[1] is None})
-        return rows, sent_at
+        return rows, ({row[0] for row in result if row[1] is None} if read.acks else set())
 
     # -- going to sleep -------------------------------------------------------------------------------------
 

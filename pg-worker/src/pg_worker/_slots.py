@@ -20,6 +20,10 @@ class Slots:
         while self.free == 0 and not self._closed:
             self._available.clear()
             await self._available.wait()
+        return self.take_nowait(want)
+
+    def take_nowait(self, want: int) -> int:
+        """Take up to ``want`` of the free slots, without waiting: 0 if none is free or after :meth:`close`."""
         if self._closed:
             return 0
         taken = min(want, self.free)
