@@ -218,20 +218,27 @@ class Fetchers:
                 more = self._slots.take_nowait(q.batch_size)
                 if more:
                     pending = self._send_read(q, more)
-                    # One turn of the event loop: the read's task writes the statement to the server now,
-                    # not after the 50 job tasks created below (and their leases: 0.2 ms per batch).
-                    await asyncio.sleep(0)
-            if read.acks:  # after the next read went out: what each confirmation sets off (metrics) waits
-                self._completer.confirmed(read.acks, acked)
-            for row in rows:
-                lease = self._leases.hold(q.config, row[0], row[1], read.sent_at)
-                if self._stop.is_set():
-                    self.unstarted.append(lease)
-                    self._slots.give(1)
-                else:
-                    self._start_job(lease, row)
+            if pending is None:
+                self._start_batch(q, read, rows, acked)
+            else:
+                # The next read's task writes its statement at its first step, queued just now: the batch
+                # (its confirmations, leases and job tasks: 0.2 ms for 50) starts right after that, not before.
+                asyncio.get_running_loop().call_soon(self._start_batch, q, read, rows, acked)
             if not full:
                 return read_any
+
+    def _start_batch(self, q: QueueFetcher, read: PendingRead, rows: list[Row], acked: set[int]) -> None:
+        """Confirm the acknowledgements a read carried, then start the jobs it leased (or keep them to hand
+        back, when the worker is stopping)."""
+        if read.acks:
+            self._completer.confirmed(read.acks, acked)
+        for row in rows:
+            lease = self._leases.hold(q.config, row[0], row[1], read.sent_at)
+            if self._stop.is_set():
+                self.unstarted.append(lease)
+                self._slots.give(1)
+            else:
+                self._start_job(lease, row)
 
     def _send_read(self, q: QueueFetcher, qty: int) -> PendingRead:
         """Send a read of up to ``qty`` messages that carries the queue's pending acknowledgements along."""
