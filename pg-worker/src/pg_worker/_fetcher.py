@@ -67,6 +67,7 @@ class QueueFetcher:
     local_due: float | None = None  # monotonic time a retry this worker scheduled becomes visible
     empty_drains: int = 0  # drains in a row that found work due but read nothing (row locked, or taken)
     held_seen: tuple[int, int] | None = None  # (msg_id, times) of another worker's lease we planned on
+    batch_failure: BaseException | None = None  # an error while starting a batch in a callback (a bug of ours)
     read: bytes = field(init=False)
     read_unmark: bytes = field(init=False)
 
@@ -201,6 +202,7 @@ class Fetchers:
             try:
                 rows, acked = await self._receive(q, read)
             except DB_ERRORS as exc:
+                self._raise_batch_failure(q)
                 self._slots.give(read.qty)
                 q.db_failures += 1
                 delay = self._db.backoff(q.db_failures)
@@ -208,6 +210,7 @@ class Fetchers:
                 q.marked_pid, q.mark_verified = None, False
                 await self._sleep_unless_stopped(delay)
                 continue
+            self._raise_batch_failure(q)
             q.db_failures = 0
             self._slots.give(read.qty - len(rows))
             if rows:
@@ -223,9 +226,24 @@ class Fetchers:
             else:
                 # The next read's task writes its statement at its first step, queued just now: the batch
                 # (its confirmations, leases and job tasks: 0.2 ms for 50) starts right after that, not before.
-                asyncio.get_running_loop().call_soon(self._start_batch, q, read, rows, acked)
+                asyncio.get_running_loop().call_soon(self._start_batch_soon, q, read, rows, acked)
             if not full:
                 return read_any
+
+    def _start_batch_soon(self, q: QueueFetcher, read: PendingRead, rows: list[Row], acked: set[int]) -> None:
+        """:meth:`_start_batch` as a callback. An error in it is a bug of ours: kept for the fetch loop to raise
+        (see :meth:`_raise_batch_failure`), so that the worker stops as if the batch had started inline,
+        instead of going on with the slots of the rows it never started."""
+        try:
+            self._start_batch(q, read, rows, acked)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the fetch loop
+            q.batch_failure = exc
+
+    @staticmethod
+    def _raise_batch_failure(q: QueueFetcher) -> None:
+        if q.batch_failure is not None:
+            failure, q.batch_failure = q.batch_failure, None
+            raise failure
 
     def _start_batch(self, q: QueueFetcher, read: PendingRead, rows: list[Row], acked: set[int]) -> None:
         """Confirm the acknowledgements a read carried, then start the jobs it leased (or keep them to hand

@@ -3,6 +3,7 @@ queue of quick jobs costs one statement per batch, not a read and a separate DEL
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import psycopg
@@ -93,3 +94,31 @@ async def test_the_next_read_is_on_its_way_while_a_batch_runs(db_url: str, monke
             overlapped += following == ["read sent"]
     assert checked >= JOBS // 50 - 1
     assert overlapped >= checked - 1, f"the next read went out before the batch's leases after only {overlapped} of {checked} full reads"
+
+
+async def test_a_bug_while_starting_a_batch_stops_the_worker(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch is started in a callback behind the next read: an error there (a bug of ours) must still end the
+    fetch loop and stop the worker with WorkerCrashed, as it did when the batch started inline, not vanish into
+    the event loop's log while the worker goes on with fewer slots (and, draining, waits forever for them)."""
+    app = App()
+
+    @app.handler("jobs")
+    async def handle(job: Job[dict[str, Any]]) -> None:
+        pass
+
+    await pg_worker.install(db_url, ["jobs"])
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute("SELECT pgmq.send_batch('jobs', array_fill('{}'::jsonb, ARRAY[%s]))", (JOBS,))
+    hold = LeaseKeeper.hold
+    held = 0
+
+    def failing(self: LeaseKeeper, queue: QueueConfig, msg_id: int, read_ct: int, sent_at: float) -> Lease:
+        nonlocal held
+        held += 1
+        if held == 120:  # inside the third batch, while the fourth read is on its way
+            raise RuntimeError("bookkeeping bug")
+        return hold(self, queue, msg_id, read_ct, sent_at)
+
+    monkeypatch.setattr(LeaseKeeper, "hold", failing)
+    with pytest.raises(pg_worker.WorkerCrashed, match="bookkeeping bug"):
+        await asyncio.wait_for(pg_worker.run_worker(app, db_url, stop_when_idle=True), timeout=30)
