@@ -1,15 +1,18 @@
-"""A drain acknowledges through its reads: each read statement deletes the batch finished before it, so a
-queue of quick jobs costs one statement per batch, not a read and a separate DELETE (issue 18, item 8)."""
+"""The drain's statements (issue 18, item 8): each read deletes the batch finished before it, so a queue of quick
+jobs costs one statement per batch, not a read and a separate DELETE; and the next read is on its way while a
+batch runs, also when reads in flight are killed."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import psycopg
 import pytest
 
 import pg_worker
+from helpers import RecordingObserver, dlq_messages, queue_rows, running_worker, wait_until
 from pg_worker import App, Job
 from pg_worker._app import QueueConfig
 from pg_worker._db import Database
@@ -122,3 +125,50 @@ async def test_a_bug_while_starting_a_batch_stops_the_worker(db_url: str, monkey
     monkeypatch.setattr(LeaseKeeper, "hold", failing)
     with pytest.raises(pg_worker.WorkerCrashed, match="bookkeeping bug"):
         await asyncio.wait_for(pg_worker.run_worker(app, db_url, stop_when_idle=True), timeout=30)
+
+
+async def test_two_workers_lose_nothing_when_reads_in_flight_are_killed(db_url: str) -> None:
+    """The combined fault for the pipelined read: two workers drain one queue while a killer terminates the
+    backends running a read (a read sent before its predecessor's batch started; killed before it commits or
+    after, before its answer arrives). Nothing may be lost or dead-lettered, no worker may crash, and every
+    job must have run; a read whose rows were leased but never returned comes back after its 2 s lease."""
+    app = App()
+    app.queue("jobs", visibility_timeout=2)
+    ran: set[int] = set()
+
+    @app.handler("jobs")
+    async def handle(job: Job[dict[str, Any]]) -> None:
+        ran.add(job.msg_id)
+
+    await pg_worker.install(db_url, ["jobs"])
+    observers = [RecordingObserver(), RecordingObserver()]
+    killed = 0
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as killer:
+        # Every read (the UPDATE that leases) takes 20 ms more: long enough to be caught while in flight.
+        await killer.execute(
+            "CREATE FUNCTION slow_read() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.02); RETURN NULL; END $$;"
+            " CREATE TRIGGER slow_read BEFORE UPDATE ON pgmq.q_jobs FOR EACH STATEMENT EXECUTE FUNCTION slow_read()"
+        )
+        async with running_worker(app, db_url, observers[0], worker_id="a"), running_worker(app, db_url, observers[1], worker_id="b"):
+            cur = await killer.execute("SELECT pgmq.send_batch('jobs', array_fill('{}'::jsonb, ARRAY[%s]))", (JOBS,))
+            sent = {row[0] for row in await cur.fetchall()}
+            deadline = time.monotonic() + 10.0  # bounded: at most 10 s and 40 terminations
+            while killed < 40 and time.monotonic() < deadline and len(ran) < len(sent):
+                cur = await killer.execute(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'active' AND ltrim(query, E' \\n') LIKE 'WITH%%acked AS%%'"
+                )
+                row = await cur.fetchone()
+                killed += row[0] if row else 0
+                await asyncio.sleep(0.005)
+            await wait_until(lambda: ran >= sent, timeout=30, what="every job run")
+            await wait_until(lambda: queue_empty(db_url), timeout=30, what="every message acknowledged")
+    assert killed >= 3, f"only {killed} reads were caught in flight: the fault did not happen"
+    assert ran == sent
+    assert await dlq_messages(db_url, "jobs") == []
+    read_errors = sum(observer.db_errors.count("read") for observer in observers)
+    assert read_errors >= 1, "no read failed: the terminations missed the reads"
+
+
+async def queue_empty(url: str) -> bool:
+    return not await queue_rows(url, "jobs")
