@@ -13,19 +13,6 @@ from pg_worker import validate_queue_name
 # -- migrations ----------------------------------------------------------------------------------------------
 
 LOCK_MIGRATE = 0x574C4301  # "WLC" + 1: distinct from wl-workers' 0x574C0001 and pg-worker's install lock
-MIGRATION_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_MIGRATE}, 0)"
-MIGRATION_TABLE = """
-CREATE SCHEMA IF NOT EXISTS console;
-CREATE TABLE IF NOT EXISTS console.schema_migrations (
-    version    integer PRIMARY KEY,
-    name       text NOT NULL,
-    checksum   text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
-)
-"""
-MIGRATIONS_TABLE_EXISTS = "SELECT to_regclass('console.schema_migrations') IS NOT NULL"
-APPLIED_MIGRATIONS = "SELECT version, name, checksum FROM console.schema_migrations ORDER BY version"
-RECORD_MIGRATION = "INSERT INTO console.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)"
 TABLE_EXISTS = "SELECT to_regclass(%s) IS NOT NULL"
 
 # Indexes for the console's searches on tables other packages own (see _migrate.py): (name, table, statement).
@@ -223,7 +210,6 @@ STATS_CAP = 100_000  # counts stop here (shown as "100000+"): no full scan of a 
 
 LIST_QUEUES = "SELECT queue_name FROM pgmq.meta ORDER BY queue_name"
 PGMQ_EXISTS = "SELECT to_regclass('pgmq.meta') IS NOT NULL"
-QUEUE_TABLE_EXISTS = "SELECT to_regclass(%s) IS NOT NULL"
 
 
 def queue_table(queue: str) -> str:

@@ -8,20 +8,6 @@ LOCK_SERVICE = 0x574C0002
 LOCK_RECONCILE = 0x574C0003
 # The device slot locks use hashtext('wl.device:' || name) as the first key and the slot number as the second.
 
-MIGRATION_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_MIGRATE}, 0)"
-MIGRATION_TABLE = """
-CREATE SCHEMA IF NOT EXISTS wl;
-CREATE TABLE IF NOT EXISTS wl.schema_migrations (
-    version    integer PRIMARY KEY,
-    name       text NOT NULL,
-    checksum   text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
-)
-"""
-MIGRATIONS_TABLE_EXISTS = "SELECT to_regclass('wl.schema_migrations') IS NOT NULL"
-APPLIED_MIGRATIONS = "SELECT version, name, checksum FROM wl.schema_migrations ORDER BY version"
-RECORD_MIGRATION = "INSERT INTO wl.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)"
-
 # -- devices ------------------------------------------------------------------------------------------------
 
 DEVICE_COLUMNS = (
