@@ -64,38 +64,35 @@ TARGET_STATE: dict[str, State] = {ACTIVATE: "active", DEACTIVATE: "suspended"}
 CONVERGE_ROUNDS = 5  # the desired state moved under us this many times in one job: let the retry go on
 
 
-class ServiceAction(BaseModel):
-    """A ``device_actions`` message that sets the desired state (the contract in CONTRACT.md)."""
+class _Message(BaseModel):
+    """What every ``device_actions`` message may carry besides its type: who asked (recorded in the history)."""
 
     model_config = ConfigDict(extra="ignore")
+
+    source: str | None = Field(default=None, max_length=50)
+    actor: str | None = Field(default=None, max_length=200)
+
+
+class ServiceAction(_Message):
+    """A ``device_actions`` message that sets the desired state (the contract in CONTRACT.md)."""
 
     type: Literal["service.activate", "service.deactivate"]
     service_id: str = Field(min_length=1, max_length=200)
     event_at: AwareDatetime
     reason: str = Field(default="", max_length=1000)
-    source: str | None = Field(default=None, max_length=50)
-    actor: str | None = Field(default=None, max_length=200)
     event_id: str | None = Field(default=None, max_length=200)
     provider: str | None = Field(default=None, max_length=50)
     payment_id: str | None = Field(default=None, max_length=200)
 
 
-class ServiceRefresh(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ServiceRefresh(_Message):
     type: Literal["service.refresh"]
     service_id: str = Field(min_length=1, max_length=200)
-    source: str | None = Field(default=None, max_length=50)
-    actor: str | None = Field(default=None, max_length=200)
 
 
-class DeviceTest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class DeviceTest(_Message):
     type: Literal["device.test"]
     device: str = Field(min_length=1, max_length=63)
-    source: str | None = Field(default=None, max_length=50)
-    actor: str | None = Field(default=None, max_length=200)
     request_id: str = Field(min_length=1, max_length=200)
 
 
