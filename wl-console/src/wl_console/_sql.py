@@ -4,7 +4,7 @@ the customer search is assembled from the fixed fragments below, chosen by which
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from psycopg import sql
 
@@ -102,16 +102,20 @@ _CUSTOMER_FILTERS: dict[str, str] = {
     "no_pending": "false",  # the pending filter while the queue does not exist
     "after": "s.service_id > %(after)s",
 }
-CUSTOMER_FILTERS = frozenset(_CUSTOMER_FILTERS)
+
+
+def _where(filters: Iterable[str], fragments: Mapping[str, str], what: str) -> sql.Composable:
+    """The WHERE condition of a search: the fixed fragments of the filters that are on, joined by AND."""
+    wanted = sorted(set(filters))
+    unknown = set(wanted) - fragments.keys()
+    if unknown:
+        raise ValueError(f"unknown {what} filters: {sorted(unknown)}")
+    return sql.SQL(" AND ").join([sql.SQL(fragments[f]) for f in wanted]) if wanted else sql.SQL("true")
 
 
 def list_customers(filters: Iterable[str]) -> sql.Composed:
     """The customer search with the given filters on, ordered by service id (keyset pagination: ``after``)."""
-    wanted = sorted(set(filters))
-    unknown = set(wanted) - CUSTOMER_FILTERS
-    if unknown:
-        raise ValueError(f"unknown customer filters: {sorted(unknown)}")
-    where = sql.SQL(" AND ").join([sql.SQL(_CUSTOMER_FILTERS[f]) for f in wanted]) if wanted else sql.SQL("true")
+    where = _where(filters, _CUSTOMER_FILTERS, "customer")
     return sql.SQL(
         "SELECT " + CUSTOMER_COLUMNS + " FROM wl.customer_services s JOIN wl.devices d ON d.id = s.device_id "
         "WHERE {where} ORDER BY s.service_id LIMIT %(limit)s"
@@ -185,15 +189,10 @@ _PAYMENT_FILTERS: dict[str, str] = {
     "q": "(payment_id = %(q)s OR event_id = %(q)s OR service_id = %(q)s)",
     "before": "id < %(before)s",
 }
-PAYMENT_FILTERS = frozenset(_PAYMENT_FILTERS)
 
 
 def list_payments(filters: Iterable[str]) -> sql.Composed:
-    wanted = sorted(set(filters))
-    unknown = set(wanted) - PAYMENT_FILTERS
-    if unknown:
-        raise ValueError(f"unknown payment filters: {sorted(unknown)}")
-    where = sql.SQL(" AND ").join([sql.SQL(_PAYMENT_FILTERS[f]) for f in wanted]) if wanted else sql.SQL("true")
+    where = _where(filters, _PAYMENT_FILTERS, "payment")
     return sql.SQL(
         "SELECT id, provider, event_id, type, received_at, outcome, service_id, payment_id, amount, currency "
         "FROM webhook.events WHERE {where} ORDER BY id DESC LIMIT %(limit)s"
