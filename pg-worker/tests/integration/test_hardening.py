@@ -126,17 +126,13 @@ def _markers(work_dir: Path, what: str) -> set[int]:
     return {int(p.name.split("-")[1]) for p in work_dir.glob(f"{what}-*")}
 
 
-async def test_a_poison_message_reaches_the_dlq_alone_and_its_batch_mates_run(db_url: str, tmp_path: Path, producer: Producer) -> None:
-    await pg_worker.install(db_url, ["batch"])
-    innocent = [producer.enqueue("batch", {"n": n}) for n in range(4)]
-    poison = producer.enqueue("batch", {"poison": True})
+async def restart_poison_app_until_drained(db_url: str, work_dir: Path) -> None:
+    """Start ``apps:poison_app`` processes one after the other, each until it dies (on the poison message) or the
+    ``batch`` queue is empty, for at most 60 s; more than 6 processes means the poison was never isolated."""
     runs = 0
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        rows = await queue_rows(db_url, "batch")
-        if not rows:
-            break
-        worker = WorkerProcess(db_url, tmp_path, app="apps:poison_app", PG_WORKER_CONCURRENCY="10")
+    while await queue_rows(db_url, "batch") and time.monotonic() < deadline:
+        worker = WorkerProcess(db_url, work_dir, app="apps:poison_app", PG_WORKER_CONCURRENCY="10")
         runs += 1
         try:
             for _ in range(300):  # the process dies on the poison message, or drains the queue
@@ -146,6 +142,13 @@ async def test_a_poison_message_reaches_the_dlq_alone_and_its_batch_mates_run(db
         finally:
             worker.kill()
         assert runs <= 6, "the poison message must be isolated after a few deaths"
+
+
+async def test_a_poison_message_reaches_the_dlq_alone_and_its_batch_mates_run(db_url: str, tmp_path: Path, producer: Producer) -> None:
+    await pg_worker.install(db_url, ["batch"])
+    innocent = [producer.enqueue("batch", {"n": n}) for n in range(4)]
+    poison = producer.enqueue("batch", {"poison": True})
+    await restart_poison_app_until_drained(db_url, tmp_path)
     done = _markers(tmp_path, "done")
     assert done == set(innocent), "every batch-mate ran to completion"
     dead_letters = await dlq_messages(db_url, "batch")

@@ -6,17 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from test_hardening import restart_poison_app_until_drained
 
 import pg_worker
 from helpers import RecordingObserver, dlq_messages, queue_rows, running_worker, wait_until
 from pg_worker import App, Job, Outcome, PermanentFailure, PollSchedule, Producer, RetryPolicy
-from test_resilience import WorkerProcess
 
 TEN_MINUTES = PollSchedule(interval=600)
 ODD_HEADERS = ["null", "[1, \"two\"]", "\"a string\""]
@@ -61,19 +60,7 @@ async def test_a_poison_message_with_odd_headers_is_dead_lettered(db_url: str, t
     await pg_worker.install(db_url, ["batch"])
     innocent = producer.enqueue("batch", {"n": 1})
     poison = await _send(db_url, "batch", '{"poison": true}', '"not an object"')
-    runs = 0
-    deadline = time.monotonic() + 60
-    while await queue_rows(db_url, "batch") and time.monotonic() < deadline:
-        worker = WorkerProcess(db_url, tmp_path, app="apps:poison_app", PG_WORKER_CONCURRENCY="10")
-        runs += 1
-        try:
-            for _ in range(300):  # the process dies on the poison message, or drains the queue
-                if worker.proc.poll() is not None or not await queue_rows(db_url, "batch"):
-                    break
-                await asyncio.sleep(0.05)
-        finally:
-            worker.kill()
-        assert runs <= 6, "the poison message must be isolated after a few deaths"
+    await restart_poison_app_until_drained(db_url, tmp_path)
     [dead] = await dlq_messages(db_url, "batch")
     assert (dead["msg_id"], dead["error"]["reason"], dead["headers"]) == (poison, "killed_worker", "not an object")
     assert _ran_to_the_end(tmp_path, innocent), "its batch-mate ran"
