@@ -6,6 +6,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from wl_fixtures import router_password, sim, wl_db, wl_empty_db, wl_pg
+from wl_fixtures import cli, router_password, sim, wl_db, wl_empty_db, wl_pg
 
-__all__ = ["router_password", "sim", "wl_db", "wl_empty_db", "wl_pg"]
+__all__ = ["cli", "router_password", "sim", "wl_db", "wl_empty_db", "wl_pg"]

@@ -8,30 +8,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 
 import httpx
 import psycopg
 import pytest
 
+from wl_fixtures import Cli
 from wl_helpers import drain, fast_settings, wait_until
 from wl_workers._migrate import Migration, MigrationError, load_migrations, migrate
-from wl_workers.cli import main
 from wl_workers.reconcile import reconcile
 from wl_workers.simulator import RouterSimulator
-
-Cli = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    def run(url: str, *argv: str) -> tuple[int, str, str]:
-        monkeypatch.setenv("DATABASE_URL", url)
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 async def test_concurrent_migrations_apply_once(wl_empty_db: str) -> None:

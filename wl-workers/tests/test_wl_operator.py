@@ -14,35 +14,28 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+from wl_fixtures import Cli
 from wl_helpers import PASSWORD_REF, add_customer, add_router
 from wl_workers import history
 from wl_workers.cli import build_parser, main
 from wl_workers.settings import WlSettings
 from wl_workers.simulator import RouterSimulator
 
-Cli = Callable[..., tuple[int, str, str]]
 USER = "ana"
 
 
 @pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+def cli(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> Cli:
+    """The command run by operator ``ana`` (the actor the history records)."""
     monkeypatch.delenv("SUDO_USER", raising=False)
     monkeypatch.setenv("USER", USER)
-
-    def run(url: str, *argv: str) -> tuple[int, str, str]:
-        monkeypatch.setenv("DATABASE_URL", url)
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+    return cli
 
 
 def sql(url: str, statement: str, params: Any = None) -> list[tuple[Any, ...]]:

@@ -3,13 +3,14 @@ migrated template database (a clone per test), and a RouterOS simulator on 127.0
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 import pg_worker
 from pg_worker.testing import PgServer
 from wl_workers._migrate import migrate
+from wl_workers.cli import main
 from wl_workers.settings import QUEUES
 from wl_workers.simulator import RouterSimulator
 
@@ -52,3 +53,19 @@ def router_password(monkeypatch: pytest.MonkeyPatch) -> str:
 def sim(router_password: str) -> Iterator[RouterSimulator]:
     with RouterSimulator(username="api", password=router_password, api=True) as router:
         yield router
+
+
+Cli = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """``wl-workers ARGV...`` in-process against a database: (exit code, stdout, stderr)."""
+
+    def run(url: str, *argv: str) -> tuple[int, str, str]:
+        monkeypatch.setenv("DATABASE_URL", url)
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
