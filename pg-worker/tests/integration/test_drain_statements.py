@@ -21,6 +21,12 @@ from pg_worker._leases import Lease, LeaseKeeper
 JOBS = 3000
 
 
+def _opening(query: Any) -> str:
+    """The first 40 characters of a statement, whitespace folded: enough to tell a read from an acknowledgement."""
+    text = query.decode() if isinstance(query, bytes) else str(query)
+    return " ".join(text.split())[:40]
+
+
 async def test_a_drain_sends_almost_no_acknowledgement_of_its_own(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     app = App()
     done: list[int] = []
@@ -36,8 +42,7 @@ async def test_a_drain_sends_almost_no_acknowledgement_of_its_own(db_url: str, m
     original = Database._fetchall
 
     async def counting(self: Database, query: Any, params: Any, *, fetch: bool = True) -> list[Any]:
-        text = query.decode() if isinstance(query, bytes) else str(query)
-        statements.append(" ".join(text.split())[:40])
+        statements.append(_opening(query))
         return await original(self, query, params, fetch=fetch)
 
     monkeypatch.setattr(Database, "_fetchall", counting)
@@ -67,8 +72,7 @@ async def test_the_next_read_is_on_its_way_while_a_batch_runs(db_url: str, monke
     original = Database._fetchall
 
     async def recording(self: Database, query: Any, params: Any, *, fetch: bool = True) -> list[Any]:
-        text = query.decode() if isinstance(query, bytes) else str(query)
-        reading = "WITH acked AS" in " ".join(text.split())[:40]
+        reading = _opening(query).startswith("WITH acked AS")
         if reading:
             order.append(("read sent", 0))  # the statement's first step: psycopg writes it before it awaits
         rows = await original(self, query, params, fetch=fetch)
