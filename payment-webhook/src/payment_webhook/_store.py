@@ -22,9 +22,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Recorded:
-    stored: bool  # False: a duplicate of an event already stored (nothing was written or enqueued)
     msg_id: int | None = None
-    outcome: str = "duplicate"  # accepted | stored | ignored | unknown_service | duplicate
+    outcome: str = "duplicate"  # accepted | stored | ignored | unknown_service | duplicate (nothing written or enqueued)
 
 
 @dataclass(frozen=True)
@@ -127,12 +126,12 @@ async def _store_event(
     )
     row = await cur.fetchone()
     if row is None:
-        return Recorded(stored=False)
+        return Recorded()
     if event.job is None or outcome != "accepted":
-        return Recorded(stored=True, outcome=outcome)
+        return Recorded(outcome=outcome)
     msg_id = await producer.enqueue(event.job.queue, event.job.payload, conn=conn)
     await conn.execute(_sql.SET_EVENT_JOB, {"queue": event.job.queue, "msg_id": msg_id, "id": row[0]})
-    return Recorded(stored=True, msg_id=msg_id, outcome=outcome)
+    return Recorded(msg_id=msg_id, outcome=outcome)
 
 
 async def ready(pool: AsyncConnectionPool[Any], *, connect_timeout: float) -> None:

@@ -48,8 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _load_settings({"host": args.host, "port": args.port, "metrics_port": args.metrics_port})
     _configure_logging(settings)
-    if not settings.database_url:
-        raise SystemExit("payment-webhook: set DATABASE_URL (or WEBHOOK_DATABASE_URL)")
+    _database(settings)
     if not settings.standard_secret_list() and not settings.mercadopago_secret_list():
         raise SystemExit(
             "payment-webhook: no secret configured: set WEBHOOK_STANDARD_SECRETS(_FILE) and/or WEBHOOK_MERCADOPAGO_SECRETS(_FILE)"
@@ -103,9 +102,7 @@ def _prune(args: argparse.Namespace) -> int:
 def _migrate(_args: argparse.Namespace) -> int:
     settings = _load_settings({})
     _configure_logging(settings)
-    if not settings.database_url:
-        raise SystemExit("payment-webhook: set DATABASE_URL (or WEBHOOK_DATABASE_URL)")
-    report = asyncio.run(_migrate_or_exit(settings.database_url))
+    report = asyncio.run(_migrate_or_exit(_database(settings)))
     applied = ", ".join(map(str, report.applied)) or "none"
     queues = ", ".join(report.install.created_queues) if report.install and report.install.created_queues else "none new"
     print(f"webhook schema at version {report.current} (applied now: {applied}); queues: {queues}")

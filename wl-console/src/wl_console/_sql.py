@@ -72,7 +72,6 @@ PRUNE_ATTEMPTS = "DELETE FROM console.login_attempts WHERE at < %s"
 INSERT_AUDIT = """
 INSERT INTO console.audit (actor, action, target, detail) VALUES (%(actor)s, %(action)s, %(target)s, %(detail)s)
 """
-LIST_AUDIT = "SELECT at, actor, action, target, detail FROM console.audit ORDER BY id DESC LIMIT %s"
 
 # -- customers ------------------------------------------------------------------------------------------------
 
@@ -126,7 +125,6 @@ GET_CUSTOMER = f"""
 SELECT {CUSTOMER_COLUMNS} FROM wl.customer_services s JOIN wl.devices d ON d.id = s.device_id
 WHERE s.service_id = %s
 """
-LOCK_CUSTOMER = "SELECT desired_state, desired_generation FROM wl.customer_services WHERE service_id = %s FOR SHARE"
 
 HISTORY = """
 SELECT id, at, kind, source, actor, reason, event_id, payment_id, state, outcome, error_class, duration_ms, detail
@@ -202,7 +200,7 @@ def list_payments(filters: Iterable[str]) -> sql.Composed:
 # -- queues ---------------------------------------------------------------------------------------------------
 
 DEVICE_ACTIONS = "device_actions"
-DLQ_SUFFIX = "_dlq"  # pg-worker's convention (pg_worker.dlq_name): <queue>_dlq
+DLQ_SUFFIX = "_dlq"  # pg-worker's convention: queue_stats tells dead-letter queues apart by it (elsewhere: pg_worker.dlq_name)
 # pg-worker's header on a message whose last delivery ended with a recorded retry (its value: that read_ct).
 RETRY_HEADER = "x-pg-worker-closed"
 STATS_CAP = 100_000  # counts stop here (shown as "100000+"): no full scan of a runaway queue from a web page

@@ -36,7 +36,6 @@ class DeadLettersGone(Exception):
 
     def __init__(self, moved: Moved) -> None:
         super().__init__(f"no such dead letter(s): {', '.join(map(str, moved.missing))}; nothing changed")
-        self.moved = moved
 
 
 @dataclass(frozen=True)
@@ -166,7 +165,7 @@ async def customer_page(conn: AConn, customer: Customer, *, before: int | None, 
         cur = await conn.execute(_sql.PENDING_FOR_SERVICE, (customer.service_id,))
         pending = [dict(zip(("msg_id", "enqueued_at", "vt", "read_ct", "message"), row, strict=True)) for row in await cur.fetchall()]
     dead: list[dict[str, Any]] = []
-    if await _exists(conn, _sql.qualified(_sql.DEVICE_ACTIONS + _sql.DLQ_SUFFIX)):
+    if await _exists(conn, _sql.qualified(pg_worker.dlq_name(_sql.DEVICE_ACTIONS))):
         cur = await conn.execute(_sql.DEAD_FOR_SERVICE, (customer.service_id,))
         dead = [dead_letter(_sql.DEVICE_ACTIONS, *row) for row in await cur.fetchall()]
     payments: list[dict[str, Any]] = []
@@ -339,14 +338,18 @@ async def queue_stats(conn: AConn) -> list[QueueStats]:
     return stats
 
 
+async def device_exists(conn: AConn, name: str) -> bool:
+    cur = await conn.execute(_sql.DEVICE_EXISTS, (name,))
+    return await cur.fetchone() is not None
+
+
 async def resolve_dlq(conn: AConn, queue: str) -> str | None:
     """The dead-letter queue of ``queue`` if both exist (None: 404)."""
     try:
-        pg_worker.validate_queue_name(queue)
+        dlq = pg_worker.dlq_name(queue)
     except pg_worker.InvalidQueueName:
         return None
     names = await queue_names(conn)
-    dlq = queue + _sql.DLQ_SUFFIX
     return dlq if queue in names and dlq in names else None
 
 
@@ -390,9 +393,10 @@ class Moved:
     missing: list[int] = field(default_factory=list)
 
 
-async def _history_for_moved(conn: AConn, message: Any, actor: str, action: str, detail: dict[str, Any]) -> None:
+async def _history_for_moved(conn: AConn, history: bool, message: Any, actor: str, action: str, detail: dict[str, Any]) -> None:
+    """Note a replayed or purged dead letter in its service's history (``history``: wl.service_history exists)."""
     service_id = message.get("service_id") if isinstance(message, dict) else None
-    if isinstance(service_id, str) and service_id and await _exists(conn, "wl.service_history"):
+    if isinstance(service_id, str) and service_id and history:
         await conn.execute(_sql.INSERT_HISTORY, {"service_id": service_id, "actor": actor, "reason": f"dead letter {action}",
                                                  "state": None, "event_id": str(detail.get("dlq_id")), "detail": Jsonb({"action": action, **detail})})
 
@@ -406,10 +410,11 @@ async def replay_dead_letters(conn: AConn, queue: str, dlq: str, ids: list[int],
         moved.missing = sorted(set(ids) - {int(r[0]) for r in rows})
         if moved.missing:
             raise DeadLettersGone(moved)
+        history = await _exists(conn, "wl.service_history")  # once, not per letter (up to MAX_SELECTION)
         for dlq_id, new_id, message in rows:
             moved.ids.append((int(dlq_id), int(new_id)))
             detail = {"queue": queue, "dlq_id": int(dlq_id), "new_msg_id": int(new_id)}
-            await _history_for_moved(conn, message, actor, "replayed", detail)
+            await _history_for_moved(conn, history, message, actor, "replayed", detail)
         await audit(conn, actor, "dead_letter.replay", queue, {"moved": moved.ids})
     return moved
 
@@ -427,8 +432,9 @@ async def purge_dead_letters(conn: AConn, queue: str, dlq: str, ids: list[int] |
             moved.missing = sorted(set(ids) - {int(r[0]) for r in rows})
             if moved.missing:
                 raise DeadLettersGone(moved)
+        history = await _exists(conn, "wl.service_history")
         for dlq_id, message in rows:
             moved.ids.append((int(dlq_id), None))
-            await _history_for_moved(conn, message, actor, "purged", {"queue": queue, "dlq_id": int(dlq_id)})
+            await _history_for_moved(conn, history, message, actor, "purged", {"queue": queue, "dlq_id": int(dlq_id)})
         await audit(conn, actor, "dead_letter.purge", queue, {"purged": [i for i, _ in moved.ids], "messages": [r[1] for r in rows]})
     return moved

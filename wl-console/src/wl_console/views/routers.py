@@ -49,7 +49,7 @@ async def router_test(request: Request, name: str) -> Response:
     console = console_of(request)
     actor = request.state.actor
     async with console.connection() as conn:
-        if not await _store.list_routers(conn, name):
+        if not await _store.device_exists(conn, name):
             raise NotFound(f"no router named {name!r}")
         request_id = await _store.enqueue_device_test(conn, name, actor.username)
     console.metrics.actions.labels("device.test", "enqueued").inc()
