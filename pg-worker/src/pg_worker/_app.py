@@ -118,17 +118,11 @@ class Handler:
         Anything else runs in a thread; if it returns an awaitable after all (a lambda around an async
         function), that is awaited on the loop, never acknowledged unrun.
         """
-        func: Any = self.func
-        while isinstance(func, functools.partial):
-            func = func.func
-        if inspect.iscoroutinefunction(func):
-            return True
-        call = getattr(type(func), "__call__", None)  # noqa: B004 - the type's __call__, not callable()
-        return not inspect.isfunction(func) and not inspect.ismethod(func) and inspect.iscoroutinefunction(call)
+        return inspect.iscoroutinefunction(_unwrap(self.func))
 
     @property
     def name(self) -> str:
-        return getattr(self.func, "__qualname__", repr(self.func))
+        return _callable_name(self.func)
 
     def parse(self, message: dict[str, Any]) -> Any:
         if self.schema is None:
