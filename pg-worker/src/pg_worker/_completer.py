@@ -299,7 +299,10 @@ class Completer:
     async def retry(self, lease: Lease, delay: float, *, count_attempt: bool = True) -> bool | None:
         query = _sql.per_queue(_sql.retry_later, lease.queue.name, count_attempt=count_attempt)
         params = {"msg_id": lease.msg_id, "read_ct": lease.read_ct, "delay": delay}
-        return await self._fenced("retry", lease, query, params, delay=delay)
+        written = await self._fenced("retry", lease, query, params, delay=delay)
+        if written and self._on_retry is not None:
+            self._on_retry(lease.queue.name, delay)  # the fetch loop looks again when the retry is due
+        return written
 
     async def dead_letter(self, lease: Lease, error: dict[str, Any]) -> bool | None:
         queue = lease.queue.name

@@ -128,8 +128,7 @@ class Database:
         return rows
 
     async def execute(self, query: Any, params: Any = None) -> None:
-        await self._bounded(asyncio.ensure_future(self._fetchall(query, params, fetch=False)), None)
-        self.health.last_db_ok = time.monotonic()
+        await self.result(asyncio.ensure_future(self._fetchall(query, params, fetch=False)))
 
     async def _fetchall(self, query: Any, params: Any, *, fetch: bool = True) -> list[Row]:
         async with self.connection() as conn:

@@ -104,7 +104,6 @@ class Executor:
         observers: WorkerObserver,
         health: WorkerHealth,
         threads: ThreadPoolExecutor,
-        on_retry: Callable[[str, float], None],
     ) -> None:
         self._app = app
         self._leases = leases
@@ -112,7 +111,6 @@ class Executor:
         self._observers = observers
         self._health = health
         self._threads = threads
-        self._on_retry = on_retry
         # One suspect at a time runs in this process; ordinary jobs never wait for it (see the module doc).
         self._suspect_lane = asyncio.Lock()
         self._sync_lock = threading.Lock()
@@ -187,12 +185,8 @@ class Executor:
         task = lease.task or asyncio.current_task()  # set by the worker: current_task() costs a getpid() here
         assert task is not None
         if handler.is_async:
-
-            def stop_job(_lease: Lease) -> None:
-                task.cancel("lease lost")
-
-            lease.on_lost = stop_job
-            self._observers.job_started(job, max(0.0, time.time() - job.enqueued_at.timestamp()))
+            _cancel_on_loss(lease, task)
+            self._report_started(job)
         started = time.perf_counter()
         try:
             try:
@@ -247,6 +241,9 @@ class Executor:
         else:
             self._finish(job, Outcome.FAILED, started, None, handler, note="succeeded, but its acknowledgement could not be written: it runs again")
 
+    def _report_started(self, job: Job[Any]) -> None:
+        self._observers.job_started(job, max(0.0, time.time() - job.enqueued_at.timestamp()))
+
     async def _run_async(self, lease: Lease, job: Job[Any], handler: Handler, task: asyncio.Task[Any]) -> None:
         func: Any = handler.func
         await self._on_loop(lease, handler, functools.partial(func, job), lease.queue.job_timeout, task)
@@ -294,7 +291,7 @@ class Executor:
         if not started.is_set():
             raise _NotStarted()  # the thread found the lease gone and did not call the handler
         lease.on_lost = None
-        self._observers.job_started(job, max(0.0, time.time() - job.enqueued_at.timestamp()))
+        self._report_started(job)
         thread_started = time.monotonic()
         timed_out = False
         try:
@@ -327,11 +324,7 @@ class Executor:
             if not lease.held:
                 _discard(result)
                 raise _LeaseLost()
-
-            def stop_job(_lease: Lease) -> None:
-                task.cancel("lease lost")
-
-            lease.on_lost = stop_job
+            _cancel_on_loss(lease, task)
             remaining = lease.queue.job_timeout - (time.monotonic() - thread_started)
             await self._on_loop(lease, handler, lambda: result, max(remaining, 0.0), task)
             return
@@ -425,7 +418,6 @@ class Executor:
         if written is None:  # the database failed: the message comes back after its lease instead
             self._finish(job, Outcome.FAILED, started, exc, handler, retry_in_s=round(delay, 3))
             return
-        self._on_retry(job.queue, delay)
         self._finish(job, Outcome.DEFERRED if deferred else Outcome.RETRIED, started, exc, handler, retry_in_s=round(delay, 3))
 
     async def _give_up(self, lease: Lease, job: Job[Any], handler: Handler, exc: BaseException, reason: str, started: float) -> None:
@@ -471,3 +463,12 @@ def _check_result(handler: Handler, result: Any) -> None:
             "handler_returned_value",
             extra={"event": "handler_returned_value", "queue": handler.queue, "handler": handler.name, "type": type(result).__name__, "note": "ignored, the job counts as succeeded; a handler fails by raising (logged once per handler)"},
         )
+
+
+def _cancel_on_loss(lease: Lease, task: asyncio.Task[Any]) -> None:
+    """From now on, losing the lease cancels the job's task (a handler running on the loop can be stopped)."""
+
+    def stop_job(_lease: Lease) -> None:
+        task.cancel("lease lost")
+
+    lease.on_lost = stop_job

@@ -56,13 +56,17 @@ class Lease:
 
     @property
     def margin(self) -> float:
-        """How long before its visibility timeout could end the lease counts as lost: time to stop the job."""
-        return min(EXPIRY_MARGIN_MAX, self.queue.visibility_timeout * 0.1)
+        return expiry_margin(self.queue.visibility_timeout)
 
     def alive(self) -> bool:
         """Still ours by the clock, whether or not the lease timer could fire yet (the event loop may be busy,
         or the caller a thread): what a job checks at the moment it starts."""
-        return self.lost is None and time.monotonic() < self.expires_at - self.margin
+        return self.lost is None and time.monotonic() < self.lost_at
+
+
+def expiry_margin(visibility_timeout: float) -> float:
+    """How long before its visibility timeout could end a lease counts as lost: time to stop the job."""
+    return min(EXPIRY_MARGIN_MAX, visibility_timeout * 0.1)
 
 
 class LeaseKeeper:

@@ -28,7 +28,7 @@ from ._events import ObserverGroup, WakeupSource, WorkerObserver
 from ._executor import Executor, JobTimeout
 from ._fetcher import Fetchers, QueueFetcher
 from ._install import SetupError, check_setup, install
-from ._leases import EXPIRY_MARGIN_MAX, Lease, LeaseKeeper
+from ._leases import Lease, LeaseKeeper, expiry_margin
 from ._listener import Listener
 from ._slots import Slots
 
@@ -147,11 +147,10 @@ class Worker:
         # A delivery that ended with no outcome (lease run out, outcome not written) is visible again at its
         # lease's end: its fetch loop looks then, not at the next fallback poll.
         leases.on_ended = lambda lease, delay: fetch_states[lease.queue.name].retry_scheduled(delay)
+        # A retry this worker wrote wakes its fetch loop when it is due (another worker's is found by the poll).
         completer = Completer(db, leases, dict(queues), on_retry=lambda queue, delay: fetch_states[queue].retry_scheduled(delay))
         threads = ThreadPoolExecutor(self.config.thread_pool_size, thread_name_prefix="pg-worker-job")
-        self._executor = executor = Executor(
-            self.app, leases, completer, self.observers, self.health, threads, on_retry=lambda queue, delay: fetch_states[queue].retry_scheduled(delay)
-        )
+        self._executor = executor = Executor(self.app, leases, completer, self.observers, self.health, threads)
         completer.on_acked = executor.acked
         self._fetchers = fetchers = Fetchers(self.config, fetch_states, db, slots, leases, completer, self.observers, stop, self._start_job)
         try:
@@ -425,7 +424,7 @@ class Worker:
         was: a handler that blocks the loop also blocks the lease clock, so its message may run elsewhere
         meanwhile (docs/delivery.md). No I/O."""
         # Past the lease margin, a blocked loop can outlast a lease before its timer gets to stop the job.
-        bound = min([LOOP_BLOCKED_BOUND, *(min(EXPIRY_MARGIN_MAX, q.visibility_timeout * 0.1) for q in self.app.queues.values())])
+        bound = min([LOOP_BLOCKED_BOUND, *(expiry_margin(q.visibility_timeout) for q in self.app.queues.values())])
         while True:
             before = self.health.last_tick = time.monotonic()
             await asyncio.sleep(HEARTBEAT)
