@@ -45,7 +45,7 @@ async def test_three_rolling_deploys_never_dead_letter_a_healthy_long_sync_job(d
         for process in processes:
             process.kill()
     assert await dlq_messages(db_url, "slow") == [], "not dead-lettered as killed_worker"
-    assert not any('"event": "job_running_alone"' in output for output in outputs), "not even a poison suspect"
+    assert not any('"event": "suspect_running"' in output for output in outputs), "not even a poison suspect"
     # started-<msg_id>-<attempt>-<pid>: four runs, each still attempt 1 (a deploy's cut is not an attempt)
     assert [m.split("-")[1:3] for m in last.markers("started")] == [[str(msg_id), "1"]] * 4
     assert len(last.markers("done")) == 1
