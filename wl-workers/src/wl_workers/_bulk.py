@@ -18,9 +18,9 @@ from typing import Any
 
 import psycopg
 
-from . import _operator, history
+from . import _operator
 from ._operator import OperatorError
-from ._store import STATES, NotFound, add_device, add_service, get_device, get_service, list_devices, list_services
+from ._store import STATES, NotFound, add_device, get_device, get_service, list_devices, list_services
 
 AConn = psycopg.AsyncConnection[Any]
 
@@ -158,14 +158,9 @@ async def _import_service(conn: AConn, fields: dict[str, Any], report: ImportRep
     try:
         service = await get_service(conn, service_id)
     except NotFound:
-        await _operator.check_new_service_id(conn, service_id)
-        await get_device(conn, fields["device"])
-        await _operator.check_target_free(conn, fields["device"], fields["method"], fields["target"], service_id)
-        await add_service(conn, service_id, fields["device"], fields["method"], fields["target"], fields["desired_state"])
-        await history.record(
-            conn, service_id, "service_added", source="operator", actor=actor, reason=reason, state=fields["desired_state"],
-            detail={k: fields[k] for k in ("device", "method", "target")},
-        )  # fmt: skip
+        await _operator.add_service(
+            conn, service_id, fields["device"], fields["method"], fields["target"], fields["desired_state"], actor=actor, reason=reason
+        )
         report.added += 1
         report.changes.append(f"add service {service_id} on {fields['device']} ({fields['method']} {fields['target']})")
         return

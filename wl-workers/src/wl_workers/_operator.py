@@ -37,6 +37,9 @@ from ._store import (
     validate_password_ref,
     validate_target,
 )
+from ._store import (
+    add_service as _insert_service,
+)
 from .actions import ACTIVATE, DEACTIVATE, action_message
 from .drivers import DeviceError, Timeouts, make_driver
 from .settings import DEVICE_ACTIONS
@@ -174,7 +177,6 @@ class Change:
     """What a command did (or, with --dry-run, would do): one line per effect, for the operator."""
 
     effects: list[str] = field(default_factory=list)
-    enqueued: list[int] = field(default_factory=list)
 
 
 def _suspended(service: Service) -> bool:
@@ -184,6 +186,19 @@ def _suspended(service: Service) -> bool:
 def _left_behind(service: Service) -> str:
     where = f"address-list entry {service.target}" if service.method == "address-list" else f"disabled PPP secret {service.target}"
     return f"the {where} stays on device {service.device}: undo it there by hand"
+
+
+async def add_service(conn: AConn, service_id: str, device: str, method: str, target: str, state: str, *, actor: str, reason: str | None = None) -> None:
+    """Add a service (a new id, on a device that exists, at a target no other service uses) and record who added
+    it. Run it inside the caller's transaction: the checks hold only there."""
+    await check_new_service_id(conn, service_id)
+    await get_device(conn, device)
+    await check_target_free(conn, device, method, target, service_id)
+    await _insert_service(conn, service_id, device, method, target, state)
+    await history.record(
+        conn, service_id, "service_added", source="operator", actor=actor, reason=reason, state=state,
+        detail={"device": device, "method": method, "target": target},
+    )  # fmt: skip
 
 
 async def remove_service(conn: AConn, service_id: str, *, force: bool, actor: str, reason: str | None) -> Change:
@@ -241,7 +256,7 @@ async def update_service(
     if service.desired_state == "suspended":
         event_at = service.desired_event_at or datetime(1970, 1, 1, tzinfo=UTC)
         message = {**action_message(DEACTIVATE, service_id, event_at, f"suspended again after {kind.replace('_', ' ')}"), "source": "operator", "actor": actor}
-        change.enqueued.append(await AsyncProducer().enqueue(DEVICE_ACTIONS, message, conn=conn))
+        await AsyncProducer().enqueue(DEVICE_ACTIONS, message, conn=conn)
         change.effects.append(f"enqueued {DEACTIVATE} for {service_id} on device {new_device}")
     return change
 

@@ -50,18 +50,6 @@ WHERE %(device)s::text IS NULL OR d.name = %(device)s::text
 ORDER BY d.name, s.service_id
 """
 
-# An action that is not stale first records what is now desired (kept even when the device call fails).
-ACCEPT_ACTION = """
-UPDATE wl.customer_services
-SET desired_state = %(state)s, desired_event_at = %(event_at)s, updated_at = now()
-WHERE service_id = %(service_id)s
-"""
-RECORD_APPLIED = """
-UPDATE wl.customer_services
-SET applied_state = %(state)s, applied_event_at = %(event_at)s, applied_at = now(),
-    last_error = NULL, last_error_at = NULL, updated_at = now()
-WHERE service_id = %(service_id)s
-"""
 RECORD_ERROR = """
 UPDATE wl.customer_services SET last_error = %(error)s, last_error_at = now(), updated_at = now()
 WHERE service_id = %(service_id)s
@@ -69,10 +57,6 @@ WHERE service_id = %(service_id)s
 
 # -- locks --------------------------------------------------------------------------------------------------
 
-# Blocks until the service is free or lock_timeout (set per transaction) ends the wait with LockNotAvailable.
-LOCK_SERVICE_XACT = f"SELECT pg_advisory_xact_lock({LOCK_SERVICE}, hashtext(%s))"
-SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %s, true)"
-TRY_DEVICE_SLOT = "SELECT pg_try_advisory_xact_lock(hashtext('wl.device:' || %s), %s)"
 TRY_RECONCILE_LOCK = f"SELECT pg_try_advisory_lock({LOCK_RECONCILE}, 0)"
 RELEASE_RECONCILE_LOCK = f"SELECT pg_advisory_unlock({LOCK_RECONCILE}, 0)"
 SERVICE_EXISTS = "SELECT 1 FROM wl.customer_services WHERE service_id = %s"
@@ -245,10 +229,6 @@ SELECT id, service_id, at, kind, source, actor, reason, event_id, payment_id, st
 FROM wl.service_history
 WHERE service_id = %s AND kind = ANY(%s) AND (state IS NULL OR state = %s)
 ORDER BY at DESC, id DESC LIMIT 1
-"""
-LAST_ROUTER_READ = """
-SELECT at, state, outcome, detail FROM wl.service_history
-WHERE service_id = %s AND kind IN ('router_read', 'router_action') ORDER BY at DESC, id DESC LIMIT 1
 """
 LAST_HISTORY_ID = "SELECT coalesce(max(id), 0) FROM wl.service_history WHERE service_id = %s"
 ROUTER_READ_AFTER = """

@@ -266,11 +266,7 @@ class DeviceActions:
 
     async def _drive(self, device: Device, service: Service, desired: State, guard: Any) -> int:
         """Change and verify the router; how many writes it took. Device errors come out classified."""
-        try:
-            password = resolve_password(device.password_ref)
-        except SecretUnavailable as exc:
-            raise PermanentDeviceError(f"password of device {device.name} unavailable: {exc}") from exc
-        driver = make_driver(device, password, self.timeouts, guard=guard)
+        driver = await self._driver(device, guard=guard)
         try:
             if desired == "active":
                 await driver.ensure_active(service.method, service.target)
@@ -383,7 +379,7 @@ class DeviceActions:
                     raise defer(self._busy_delay(), f"all {device.max_concurrent} slots of device {device.name} are busy")
                 started = time.monotonic()
                 try:
-                    driver = await self._reader(device)
+                    driver = await self._driver(device)
                     try:
                         observed = await driver.read_state(service.method, service.target)
                     finally:
@@ -402,12 +398,13 @@ class DeviceActions:
             finally:
                 await self._release(conn, locks)
 
-    async def _reader(self, device: Device) -> RouterOs:
+    async def _driver(self, device: Device, *, guard: Any = None) -> RouterOs:
+        """The device's driver (its password resolved); a password that cannot be read is a permanent error."""
         try:
             password = resolve_password(device.password_ref)
         except SecretUnavailable as exc:
             raise PermanentDeviceError(f"password of device {device.name} unavailable: {exc}") from exc
-        return make_driver(device, password, self.timeouts)
+        return make_driver(device, password, self.timeouts, guard=guard)
 
     # -- device.test -------------------------------------------------------------------------------------------
 
@@ -426,7 +423,7 @@ class DeviceActions:
                     raise defer(self._busy_delay(), f"all {device.max_concurrent} slots of device {device.name} are busy")
                 started = time.monotonic()
                 try:
-                    driver = await self._reader(device)
+                    driver = await self._driver(device)
                     try:
                         entries = await driver.api.print("ip/firewall/address-list", list=device.address_list)
                     finally:

@@ -423,14 +423,7 @@ async def _service_add(conn: psycopg.AsyncConnection[Any], args: argparse.Namesp
     if args.method == "pppoe" and not args.no_check:  # the router last: after what can be said without it
         await _check_ppp_secret(conn, args.device, target)
     async with conn.transaction():
-        await _operator.check_new_service_id(conn, args.service_id)
-        await get_device(conn, args.device)
-        await _operator.check_target_free(conn, args.device, args.method, target, args.service_id)
-        await add_service(conn, args.service_id, args.device, args.method, target, args.desired)
-        await history.record(
-            conn, args.service_id, "service_added", source="operator", actor=os_user(), state=args.desired,
-            detail={"device": args.device, "method": args.method, "target": target},
-        )  # fmt: skip
+        await _operator.add_service(conn, args.service_id, args.device, args.method, target, args.desired, actor=os_user())
     print(f"service {args.service_id} added on {args.device}")
 
 

@@ -30,7 +30,6 @@ class SessionLocks:
     def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
         self.conn = conn
         self.held = 0
-        self.slot: int | None = None
         self.device_id: int | None = None
 
     async def _try(self, query: str, params: tuple[Any, ...]) -> bool:
@@ -51,7 +50,6 @@ class SessionLocks:
         for i in range(device.max_concurrent):
             slot = (first + i) % device.max_concurrent
             if await self._try(_sql.TRY_DEVICE_SLOT_SESSION, (device.name, slot)):
-                self.slot = slot
                 self.device_id = device.id
                 return True
         return False
@@ -91,5 +89,4 @@ class SessionLocks:
             with contextlib.suppress(psycopg.Error):
                 await self.conn.execute(_sql.UNLOCK_ALL)
         self.held = 0
-        self.slot = None
         self.device_id = None

@@ -58,11 +58,6 @@ class ReconcileReport:
     errors: list[tuple[str, str]] = field(default_factory=list)  # (device or service, reason)
     enqueued: list[int] = field(default_factory=list)
     failed_devices: dict[str, str] = field(default_factory=dict)  # device -> why it could not be read
-    devices: int = 0
-
-    @property
-    def unfixable(self) -> list[Difference]:
-        return [d for d in self.differences if not d.fixable]
 
 
 async def reconcile(conninfo: str, settings: WlSettings | None = None, *, dry_run: bool = False) -> ReconcileReport:
@@ -70,7 +65,9 @@ async def reconcile(conninfo: str, settings: WlSettings | None = None, *, dry_ru
     report = ReconcileReport()
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
         devices = await list_devices(conn)
-        services = {d.name: await list_services(conn, d.name) for d in devices}
+        services: dict[str, list[Service]] = {d.name: [] for d in devices}
+        for service in await list_services(conn):  # one query, not one per device; ordered by device, service id
+            services.setdefault(service.device, []).append(service)
     bound = asyncio.Semaphore(settings.reconcile_concurrency)
 
     async def one(device: Device) -> None:
@@ -78,7 +75,6 @@ async def reconcile(conninfo: str, settings: WlSettings | None = None, *, dry_ru
             await _reconcile_device(conninfo, settings, device, services[device.name], report)
 
     await asyncio.gather(*(one(d) for d in devices if services[d.name]))
-    report.devices = sum(1 for d in devices if services[d.name])
     fixable = [d for d in report.differences if d.fixable]
     if not dry_run and fixable:
         async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
