@@ -98,12 +98,6 @@ def _device_row(row: dict[str, str]) -> dict[str, Any]:
             fields[key] = value.lower() in ("true", "1", "yes")
         else:
             fields[key] = value
-    if fields["driver"] not in ("routeros-rest", "routeros-api"):
-        raise OperatorError(f"driver must be routeros-rest or routeros-api, got {fields['driver']!r}")
-    if fields["scheme"] not in ("https", "http"):
-        raise OperatorError(f"scheme must be https or http, got {fields['scheme']!r}")
-    if not _operator.DEVICE_NAME.fullmatch(fields["name"]):
-        raise OperatorError(f"device name {fields['name'][:60]!r}: 1-63 letters, digits, . _ -, starting with a letter or digit")
     return _operator.device_fields(fields)
 
 

@@ -132,6 +132,12 @@ def validate_max_concurrent(value: int) -> int:
 
 def device_fields(fields: dict[str, Any]) -> dict[str, Any]:
     """All of a device's fields checked, in the form they are stored."""
+    if fields["driver"] not in ("routeros-rest", "routeros-api"):
+        raise OperatorError(f"driver must be routeros-rest or routeros-api, got {fields['driver']!r}")
+    if fields["scheme"] not in ("https", "http"):
+        raise OperatorError(f"scheme must be https or http, got {fields['scheme']!r}")
+    if not DEVICE_NAME.fullmatch(fields["name"]):
+        raise OperatorError(f"device name {fields['name'][:60]!r}: 1-63 letters, digits, . _ -, starting with a letter or digit")
     checked = dict(fields)
     checked["host"] = validate_host(str(fields["host"]))
     checked["port"] = validate_port(fields.get("port"))

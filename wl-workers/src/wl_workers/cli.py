@@ -288,8 +288,6 @@ def _device_row(device: Any) -> dict[str, Any]:
 
 async def _device_cmd(conn: psycopg.AsyncConnection[Any], args: argparse.Namespace) -> int:
     if args.sub == "add":
-        if not _operator.DEVICE_NAME.fullmatch(args.name):
-            raise OperatorError(f"device name {args.name[:60]!r}: 1-63 letters, digits, . _ -, starting with a letter or digit")
         fields = {
             "name": args.name, "driver": args.driver, "host": args.host, "port": args.port, "scheme": args.scheme, "ca_file": args.ca_file,
             "tls_insecure": args.insecure, "username": args.username, "password_ref": args.password_ref, "max_concurrent": args.max_concurrent,
