@@ -198,7 +198,7 @@ def test_secrets_are_masked_in_log_text() -> None:
 
 def test_public_api_is_exactly_what_init_exports() -> None:
     public = {name for name in dir(pg_worker) if not name.startswith("_")}
-    modules = {"admin", "cli", "health", "logging_setup", "metrics", "observability", "settings", "testing"}
+    modules = {"admin", "cli", "health", "logging_setup", "metrics", "migrations", "observability", "settings", "testing"}
     assert public - modules == set(pg_worker.__all__)
     for name in pg_worker.__all__:
         assert getattr(pg_worker, name) is not None
